@@ -1,0 +1,286 @@
+"""Structural boundaries of a rendered chat: where each message starts and where its content is.
+
+A message starts where the template's output for the messages before it ends (the prefix
+definition: render(messages[:i]) is a prefix of render(messages)). Rendering every prefix
+costs O(n^2) template steps, so instead:
+
+1. The chat is rendered once more with each message's content replaced by a sentinel.
+   Walking both renders together gives each content's char span in the real text (the
+   template glue between sentinels must appear verbatim; content may have been stripped).
+2. The glue before a content ends with that message's header ("<|user|>", ...). Headers
+   are learned per role from one exact prefix render the first time a glue does not end
+   with a known one, then matched as the longest known suffix.
+3. When the walk fails (a template that branches on content), every prefix is rendered
+   for real, with the lengths cached across calls by a digest of the message prefix.
+
+Section starts inside contents (markdown headings, XML-like tags, '---' lines at line
+start) are found by SECTION_RE on the encoded pieces, then kept if inside a content.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple
+
+import xxhash
+
+from .chat import ChatTemplateError
+
+# A line that opens a section: "# Heading" (1-6 '#', then a blank), "<tag ...>" or "---".
+# Matched at the newline before it, so the anchor is that match's start + 1.
+SECTION_RE = re.compile(
+    r"\n(?=#{1,6}[ \t]|<[A-Za-z][\w.:-]*(?:[ \t][^>\n]*)?/?>|-{3,}[ \t]*(?:\r?\n|$))"
+)
+
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+_GEN = "\x00generation"  # HeaderBook key of the generation prompt (no role is named so)
+MAX_EXACT_MESSAGES = 1024  # exact mode renders this many prefixes at most (O(n^2) steps)
+
+Render = Callable[[list, bool], str]  # (messages, add_generation_prompt) -> rendered text
+
+
+class ChatLayout(NamedTuple):
+    message_starts: tuple[int, ...]  # char offset where message i starts; message 0 at 0
+    contents: tuple[tuple[int, int] | None, ...]  # char span of message i's content
+    generation_start: int | None  # char offset of a non-empty generation prompt
+    exact: bool  # True when found by rendering every prefix (no content spans)
+
+
+class HeaderBook:
+    """What one template puts before each role's content. Thread-safe.
+
+    ``match(role, glue)`` gives the header length at the end of ``glue`` (the text between
+    the previous content and this one): first from glues seen before (exact memo, which
+    also remembers "no prefix split exists here" as -1), then from the longest known
+    non-empty header of that role that ends the glue. An empty header is only memoised per
+    glue: learned as a suffix it would match every glue of the role.
+    """
+
+    def __init__(self, max_headers: int = 32, max_glues: int = 4096, max_glue_chars: int = 1024):
+        self.max_headers, self.max_glues, self.max_glue_chars = max_headers, max_glues, max_glue_chars
+        self._by_role: dict[str, list[str]] = {}
+        self._glues: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def match(self, role: str, glue: str) -> int | None:
+        hl = self._glues.get((role, glue))
+        if hl is not None:
+            return hl
+        for h in self._by_role.get(role, ()):  # longest first
+            if glue.endswith(h):
+                return len(h)
+        return None
+
+    def learn(self, role: str, glue: str, header_len: int) -> None:
+        """Record that ``glue`` ends with a ``header_len``-char header (-1: none found)."""
+        with self._lock:
+            if len(glue) <= self.max_glue_chars and len(self._glues) < self.max_glues:
+                self._glues[(role, glue)] = header_len
+            known = self._by_role.get(role, [])
+            if header_len > 0 and len(known) < self.max_headers:
+                h = glue[len(glue) - header_len:]
+                if h not in known:
+                    # replaced whole: readers never see a half-sorted list
+                    self._by_role[role] = sorted([*known, h], key=len, reverse=True)
+
+
+class RenderMemo:
+    """LRU of render results keyed by a digest: skeleton renders (text) and, in exact mode,
+    prefix-render lengths (int). Agents resend the conversation every turn, so the same
+    skeleton or prefix comes back with one more message."""
+
+    def __init__(self, max_entries: int = 4096):
+        self.max_entries = max_entries
+        self._d: OrderedDict[bytes, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes):
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key: bytes, value) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.max_entries:
+                self._d.popitem(last=False)
+
+
+def _skeleton(messages: list[dict], nonempty_only: bool) -> list[dict] | None:
+    out, any_sentinel = [], False
+    for i, m in enumerate(messages):
+        c = m.get("content")
+        if isinstance(c, str) and (c or not nonempty_only):
+            m = {**m, "content": f"\ue000{i}\ue001"}
+            any_sentinel = True
+        out.append(m)
+    return out if any_sentinel else None
+
+
+def _content_len(text: str, cur: int, content: str, after: str) -> int | None:
+    """Length of the rendered form of ``content`` at text[cur:], followed by glue ``after``."""
+    for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+        if text.startswith(cand, cur) and text.startswith(after, cur + len(cand)):
+            return len(cand)
+    if after:  # a template that keeps only part of the content (e.g. drops reasoning)
+        j = text.find(after, cur)
+        if j >= 0 and text[cur:j] in content:
+            return j - cur
+    return None
+
+
+class _Located(NamedTuple):
+    index: int  # message index
+    s: int  # sentinel span in the skeleton render
+    e: int
+    rs: int  # content span in the real render
+    re: int
+
+
+def _align(skel_text: str, text: str, messages: list[dict], expected: list[int]):
+    found = [(int(m.group(1)), m.start(), m.end()) for m in _SENTINEL_RE.finditer(skel_text)]
+    if [f[0] for f in found] != expected:
+        return None  # a content dropped, repeated or reordered by the template
+    located, cur, prev = [], 0, 0
+    for k, (i, s, e) in enumerate(found):
+        glue = skel_text[prev:s]
+        if not text.startswith(glue, cur):
+            return None
+        cur += len(glue)
+        after = skel_text[e: found[k + 1][1] if k + 1 < len(found) else len(skel_text)]
+        n = _content_len(text, cur, messages[i]["content"], after)
+        if n is None:
+            return None
+        located.append(_Located(i, s, e, cur, cur + n))
+        cur, prev = cur + n, e
+    return located if text[cur:] == skel_text[prev:] else None
+
+
+def chat_layout(render: Render, messages: list[dict], text: str, add_generation_prompt: bool,
+                book: HeaderBook, memo: RenderMemo, cache_key: Callable[[], bytes],
+                max_learn: int = 16) -> ChatLayout:
+    """Message starts and content spans of ``text`` = render(messages, add_generation_prompt).
+
+    ``cache_key()`` identifies the template and its variables (tools, ...) in ``memo``.
+    """
+    for nonempty_only in (False, True):
+        skel = _skeleton(messages, nonempty_only)
+        if skel is None:
+            continue
+        key = xxhash.xxh3_128_digest(b"S" + cache_key() + repr((skel, add_generation_prompt)).encode())
+        skel_text = memo.get(key)
+        if skel_text is None:
+            try:
+                skel_text = render(skel, add_generation_prompt)
+            except ChatTemplateError:
+                skel_text = ""  # remembered as "this skeleton does not render"
+            memo.put(key, skel_text)
+        if not skel_text:
+            continue
+        expected = [i for i, m in enumerate(skel) if m is not messages[i]]
+        located = _align(skel_text, text, messages, expected)
+        if located is not None:
+            return _from_alignment(render, messages, skel, skel_text, located,
+                                   add_generation_prompt, book, max_learn)
+    return _exact(render, messages, text, add_generation_prompt, memo, cache_key)
+
+
+def _from_alignment(render, messages, skel, skel_text, located, agp, book, max_learn):
+    n = len(messages)
+    by_index = {loc.index: loc for loc in located}
+    ends = [loc.e for loc in located]
+    budget = [max_learn]
+
+    def to_real(q: int) -> int:  # skeleton offset (in glue) -> real offset
+        k = bisect_right(ends, q) - 1
+        return q if k < 0 else q + located[k].re - located[k].e
+
+    def exact_end(count: int) -> int | None:
+        """len(render(skel[:count])) if a prefix of the skeleton render, else -1;
+        None when this call's render budget is spent."""
+        if budget[0] <= 0:
+            return None
+        budget[0] -= 1
+        try:
+            r = render(skel[:count], False)
+        except ChatTemplateError:
+            return -1
+        return len(r) if skel_text.startswith(r) else -1
+
+    starts, prev = [0] * n, None  # prev: last located message before i
+    for i in range(n):
+        loc = by_index.get(i)
+        if i > 0:
+            lo = prev.e if prev is not None else 0
+            hi = loc.s if loc is not None else _next_start(located, i, len(skel_text))
+            start = None
+            if loc is not None and prev is not None and prev.index == i - 1:
+                role, glue = str(messages[i].get("role")), skel_text[lo:hi]
+                hl = book.match(role, glue)
+                if hl is None:
+                    p = exact_end(i)
+                    if p is not None:  # None: out of budget, try again next call
+                        hl = hi - p if lo <= p <= hi else -1
+                        book.learn(role, glue, hl)
+                start = hi - hl if hl is not None and hl >= 0 else None
+            else:  # a message without located content: only an exact render places it
+                p = exact_end(i)
+                start = p if p is not None and lo <= p <= hi else None
+            starts[i] = max(to_real(start if start is not None else lo), starts[i - 1])
+        if loc is not None:
+            prev = loc
+    gen = None
+    if agp:
+        lo = prev.e if prev is not None else 0
+        glue = skel_text[lo:]
+        hl = book.match(_GEN, glue)
+        if hl is None:
+            g = exact_end(n)
+            if g is not None:
+                hl = len(skel_text) - g if g >= lo else -1
+                book.learn(_GEN, glue, hl)
+        if hl is not None and hl > 0:
+            gen = to_real(len(skel_text) - hl)
+    contents = tuple((by_index[i].rs, by_index[i].re) if i in by_index else None for i in range(n))
+    return ChatLayout(tuple(starts), contents, gen, False)
+
+
+def _next_start(located, i: int, default: int) -> int:
+    for loc in located:
+        if loc.index > i:
+            return loc.s
+    return default
+
+
+def _exact(render, messages, text, agp, memo: RenderMemo,
+           cache_key: Callable[[], bytes]) -> ChatLayout:
+    n = len(messages)
+    starts = [0] * n
+    h = xxhash.xxh3_128(b"P" + cache_key())
+    for i in range(1, n + 1):
+        h.update(json.dumps(messages[i - 1], sort_keys=True, ensure_ascii=False,
+                            default=str).encode("utf-8", "surrogatepass"))
+        if i == n and not agp:
+            break
+        key = h.digest()
+        p = memo.get(key)
+        if p is None and i <= MAX_EXACT_MESSAGES:
+            try:
+                r = render(messages[:i], False)
+                p = len(r) if text.startswith(r) else -1
+            except ChatTemplateError:
+                p = -1
+            memo.put(key, p)
+        if i < n:
+            starts[i] = max(p if p is not None and p >= 0 else 0, starts[i - 1])
+        elif p is not None and 0 <= p < len(text):
+            return ChatLayout(tuple(starts), (None,) * n, p, True)
+    return ChatLayout(tuple(starts), (None,) * n, None, True)

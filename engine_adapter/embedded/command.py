@@ -1,0 +1,144 @@
+"""`irminsul serve` and the proxy's embedded mode: run the embedded engine behind its HTTP API.
+
+torch and the model are imported only when a command actually runs, so `irminsul --help` and
+the proxy-only install stay light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+from dataclasses import fields
+from pathlib import Path
+
+import click
+from aiohttp import web
+
+import irminsul
+
+from .config import DEVICES, DTYPES, POLICIES, EngineConfig
+
+DEFAULT_MODEL = Path(irminsul.__file__).parent / "examples" / "models" / "tiny-mla"
+# The CLI's defaults are EngineConfig's, read from the dataclass so the two cannot drift.
+DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ByteSize(click.ParamType):
+    """A byte count: 1073741824, 512M, 8G or 8GiB (binary units)."""
+
+    name = "bytes"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(value))
+        if m is None:
+            self.fail(f"{value!r} is not a byte size (e.g. 1073741824, 512M, 8G)", param, ctx)
+        return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def engine_config(**kw) -> EngineConfig:
+    """EngineConfig from CLI values; its own checks become a usage error naming the problem."""
+    try:
+        return EngineConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+
+
+def build_app(config: EngineConfig) -> web.Application:
+    """Load the model once and wrap it in the HTTP app (imports torch)."""
+    from .engine import Engine
+    from .server import create_engine_app
+
+    return create_engine_app(Engine(config))
+
+
+async def start_embedded(engine_config: EngineConfig, host: str = "127.0.0.1",
+                         port: int = 0) -> tuple[web.AppRunner, str]:
+    """Start the engine server on the running loop; returns (runner, base URL).
+
+    The model loads in a thread so the loop stays responsive. ``port=0`` picks a free port;
+    the URL carries the real one. Call ``await runner.cleanup()`` to stop the server and its
+    worker thread.
+    """
+    app = await asyncio.to_thread(build_app, engine_config)
+    # handler_cancellation: a client that disconnects cancels its handler at once, which
+    # cancels its engine job (the server also polls for it, for hosts that leave this off).
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    url_host = f"[{host}]" if ":" in host else host
+    return runner, f"http://{url_host}:{bound}"
+
+
+@click.command("serve")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False,
+              path_type=Path), default=DEFAULT_MODEL, show_default="the shipped tiny-mla",
+              help="Checkpoint directory (config.json, safetensors, tokenizer.json) of a "
+                   "DeepSeek-V2-family model.")
+@click.option("--device", type=click.Choice(DEVICES), default=DEFAULTS["device"],
+              show_default=True, help="Where to run: auto picks cuda when available.")
+@click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULTS["dtype"],
+              show_default=True, help="Weight and KV dtype: auto is bfloat16 on cuda, "
+                                      "float32 on cpu.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=30000, show_default=True,
+              help="Port to listen on (SGLang's default; 0 picks a free one).")
+@click.option("--cache-bytes", type=ByteSize(), default=DEFAULTS["cache_bytes"],
+              show_default=f"{DEFAULTS['cache_bytes'] >> 20}M",
+              help="Size of the chunk KV store, in bytes or with a binary unit (512M, 8G).")
+@click.option("--policy", type=click.Choice(POLICIES), default=DEFAULTS["policy"],
+              show_default=True,
+              help="How a content hit is placed: full (recompute everything), prefix (exact "
+                   "prefix only), pic (δ-rotate, recompute the first K tokens of each hit "
+                   "chunk), blend (δ-rotate, recompute the R fraction of most-deviating "
+                   "tokens). Requests may override it.")
+@click.option("--pic-k", type=click.IntRange(0), default=DEFAULTS["pic_k"], show_default=True,
+              help="pic: tokens recomputed at the start of each reused chunk.")
+@click.option("--blend-r", type=click.FloatRange(0.0, 1.0), default=DEFAULTS["blend_r"],
+              show_default=True, help="blend: fraction of each reused chunk's tokens recomputed.")
+def serve_command(model_dir, device, dtype, host, port, cache_bytes, policy, pic_k, blend_r):
+    """Serve a local DeepSeek-V2-family checkpoint with the embedded engine.
+
+    The API is SGLang's (POST /generate, /v1/chat/completions, /v1/completions, /flush_cache;
+    GET /health, /model_info, /v1/models) plus POST /v1/messages, /v1/responses and the
+    Irminsul capability probe, so `irminsul proxy --upstream URL` drives it like a patched
+    SGLang.
+    """
+    config = engine_config(model_dir=str(model_dir), device=device, dtype=dtype,
+                           cache_bytes=cache_bytes, policy=policy, pic_k=pic_k, blend_r=blend_r)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        asyncio.run(_serve(config, host, port))
+    except KeyboardInterrupt:
+        pass
+    except (OSError, ValueError) as e:  # a model directory that does not load, a busy port
+        raise click.ClickException(f"cannot serve {model_dir} on {host}:{port}: {e}") from None
+
+
+async def _serve(config: EngineConfig, host: str, port: int) -> None:
+    """Serve until SIGINT or SIGTERM, then stop the worker and close connections."""
+    runner, url = await start_embedded(config, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            pass
+    # The URL carries the real port (--port 0 picks one), so scripts can read it from here.
+    click.echo(f"irminsul engine serving {config.model_dir} at {url} "
+               f"(policy {config.policy})", nl=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,214 @@
+"""Drives transformers' DeepSeek-V2/V3 modules over a position-slotted latent KV buffer.
+
+The library's attention computes k_nope = kv_a_layernorm(c_KV) and the RoPE'd k_pe for the
+tokens it is given and hands them to ``past_key_values.update(k_nope, k_pe, layer_idx)``,
+using whatever comes back as the keys/values to attend over. Our cache object scatters the
+new tokens into a per-request buffer indexed by position and returns the whole buffer, and an
+explicit additive mask lets the query at position p see slots <= p. So any subset of the
+prompt can be computed while the other slots hold KV placed from the store, and the maths
+(projections, RoPE, attention, MoE) stay the library's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...kernels.rope import RopeSpec, apply_rope
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+class KVBuffer:
+    """One request's latent KV: c_kv [L, capacity, rank] and k_pe [L, capacity, rope_dim].
+
+    Slot i holds the token at position i. ``length`` is how many leading slots are valid.
+    ``keys``/``values`` memoise each layer's per-head expansion of the latents (the library's
+    expand_kv), valid where ``expanded`` is set; a write to a slot's latents clears it.
+    """
+
+    def __init__(self, layers: int, capacity: int, rank: int, rope_dim: int, dtype, device):
+        self.c_kv = torch.zeros(layers, capacity, rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(layers, capacity, rope_dim, dtype=dtype, device=device)
+        self.length = 0
+        self.expanded = torch.zeros(layers, capacity, dtype=torch.bool, device=device)
+        self.keys: list[torch.Tensor | None] = [None] * layers
+        self.values: list[torch.Tensor | None] = [None] * layers
+
+    @property
+    def capacity(self) -> int:
+        return self.c_kv.shape[1]
+
+
+class _SlotCache:
+    """The ``past_key_values`` the library's attention sees for one block of query tokens."""
+
+    def __init__(self, kv: KVBuffer, slots: torch.Tensor, visible: int):
+        self.kv, self.slots, self.visible = kv, slots, visible
+
+    def update(self, k_nope, k_pe, layer_idx, *args, **kwargs):
+        """Write the block's new latents into their slots; return slots [0, visible)."""
+        kv, t = self.kv, self.visible
+        kv.c_kv[layer_idx].index_copy_(0, self.slots, k_nope[0, 0])
+        kv.k_pe[layer_idx].index_copy_(0, self.slots, k_pe[0, 0])
+        kv.expanded[layer_idx, self.slots] = False
+        return kv.c_kv[layer_idx, :t][None, None], kv.k_pe[layer_idx, :t][None, None]
+
+
+class _MemoExpand:
+    """Stands in for one attention module's ``expand_kv``: the library's own expansion
+    (kv_b_proj per head, k_pe broadcast) is run only for slots not expanded yet, and the
+    per-request buffers are returned. A decode step then expands one token, not the context.
+    """
+
+    def __init__(self, runner: ModelRunner, attn):
+        self.runner, self.attn, self.inner = runner, attn, attn.expand_kv
+
+    def __call__(self, kv_nope: torch.Tensor, k_rot: torch.Tensor):
+        kv = self.runner.active
+        if kv is None:
+            return self.inner(kv_nope, k_rot)
+        layer, t = self.attn.layer_idx, kv_nope.shape[2]
+        todo = torch.nonzero(~kv.expanded[layer, :t]).squeeze(1)
+        if todo.numel():
+            k, v = self.inner(kv_nope[:, :, todo], k_rot[:, :, todo])
+            if kv.keys[layer] is None:
+                shape = (1, k.shape[1], kv.capacity)
+                kv.keys[layer] = k.new_empty(*shape, k.shape[-1])
+                kv.values[layer] = v.new_empty(*shape, v.shape[-1])
+            kv.keys[layer][:, :, todo] = k
+            kv.values[layer][:, :, todo] = v
+            kv.expanded[layer, todo] = True
+        return kv.keys[layer][:, :, :t], kv.values[layer][:, :, :t]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+class ModelRunner:
+    """A loaded checkpoint plus the layer-by-layer forward over a :class:`KVBuffer`."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        prefill_block: int = 4096,
+    ):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        cfg = AutoConfig.from_pretrained(model_dir)
+        if cfg.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"{model_dir}: model_type {cfg.model_type!r} is not an MLA model this engine "
+                f"runs (need one of {', '.join(MODEL_TYPES)})"
+            )
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=self.dtype, attn_implementation=attn_implementation
+        ).to(self.device)
+        self.model.eval()
+        self.config = self.model.config
+        self.spec = RopeSpec.from_hf_config(self.config)
+        self.layers = self.model.model.layers
+        self.num_layers = len(self.layers)
+        self.rank = self.config.kv_lora_rank
+        self.rope_dim = self.config.qk_rope_head_dim
+        self.vocab_size = self.config.vocab_size
+        self.prefill_block = prefill_block
+        self.active: KVBuffer | None = None  # the buffer run_layers is working on
+        for layer in self.layers:
+            layer.self_attn.expand_kv = _MemoExpand(self, layer.self_attn)
+
+    def new_kv(self, capacity: int) -> KVBuffer:
+        return KVBuffer(
+            self.num_layers, capacity, self.rank, self.rope_dim, self.dtype, self.device
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * (self.rank + self.rope_dim) * torch.finfo(self.dtype).bits // 8
+
+    @torch.inference_mode()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [1, q, hidden] of ids [q]."""
+        return self.model.model.embed_tokens(ids.to(self.device)[None])
+
+    @torch.inference_mode()
+    def run_layers(
+        self, kv: KVBuffer, hidden: torch.Tensor, positions: torch.Tensor, first: int, last: int
+    ) -> torch.Tensor:
+        """Run decoder layers [first, last) for tokens at ``positions`` (sorted, [q]).
+
+        Writes those tokens' latents into kv's slots of those layers; every other slot must
+        already hold KV. Queries go in blocks of ``prefill_block``: a block sees the slots up
+        to its last position, which all earlier blocks have filled. Returns hidden [1, q, h].
+        """
+        positions = positions.to(self.device)
+        outs = []
+        self.active = kv
+        try:
+            hidden = self._blocks(kv, hidden, positions, first, last, outs)
+        finally:
+            self.active = None
+        kv.length = max(kv.length, int(positions[-1]) + 1)
+        return hidden
+
+    def _blocks(self, kv, hidden, positions, first, last, outs):
+        for b in range(0, positions.numel(), self.prefill_block):
+            pos = positions[b : b + self.prefill_block]
+            h = hidden[:, b : b + self.prefill_block]
+            visible = int(pos[-1]) + 1
+            mask = self._mask(pos, visible)
+            cache = _SlotCache(kv, pos, visible)
+            pe = self.model.model.rotary_emb(h, pos[None])
+            for layer in self.layers[first:last]:
+                h = layer(
+                    h,
+                    attention_mask=mask,
+                    position_ids=pos[None],
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_embeddings=pe,
+                )
+            outs.append(h)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _mask(self, pos: torch.Tensor, visible: int) -> torch.Tensor | None:
+        """Additive [1, 1, q, visible] mask: query at position p sees slots <= p."""
+        if pos.numel() == 1 and int(pos[0]) == visible - 1:
+            return None  # one query at the end sees everything
+        slots = torch.arange(visible, device=self.device)
+        hidden = slots[None, :] > pos[:, None]
+        mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
+        return mask.masked_fill_(hidden, torch.finfo(self.dtype).min)[None, None]
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [q, vocab] of final-layer hidden states [1, q, h]."""
+        return self.model.lm_head(self.model.model.norm(hidden))[0].float()
+
+    @torch.inference_mode()
+    def probe_kv(
+        self, layer: int, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents (c_kv [q, rank], k_pe [q, rope_dim]) ``layer`` would write for these
+        tokens given its input hidden states; writes nothing (CacheBlend's deviation probe)."""
+        mod = self.layers[layer]
+        attn = mod.self_attn
+        x = attn.kv_a_proj_with_mqa(mod.input_layernorm(hidden))[0]
+        c, k_pe = torch.split(x, [self.rank, self.rope_dim], dim=-1)
+        return attn.kv_a_layernorm(c), apply_rope(k_pe, positions.to(self.device), self.spec)

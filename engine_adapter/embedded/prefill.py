@@ -1,0 +1,99 @@
+"""Executing a Plan: fill the KV buffer from the store, compute the rest, store the result."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ...kernels.rope import materialize
+from .model_runner import KVBuffer, ModelRunner
+from .planner import RECOMPUTED, REUSED, Plan
+from .store import ChunkStore, KVEntry
+
+
+class PrefillOutcome(NamedTuple):
+    logits: torch.Tensor  # float32 [vocab] at the last prompt position
+    source: np.ndarray  # the plan's sources with blend's picks marked RECOMPUTED
+    kv: KVBuffer  # holds the prompt's KV in slots [0, N)
+
+
+def run_prefill(runner: ModelRunner, plan: Plan, capacity: int) -> PrefillOutcome:
+    """Build the prompt's KV per ``plan`` in a new buffer of ``capacity`` slots."""
+    n = len(plan.ids)
+    kv = runner.new_kv(max(capacity, n))
+    dev = runner.device
+    done = 0
+    for entry, used in plan.prefix.parts:  # exact prefix: same positions, plain copy
+        used = min(used, plan.prefix_len - done)
+        if used <= 0:
+            break
+        kv.c_kv[:, done : done + used] = entry.c_kv[:, :used]
+        kv.k_pe[:, done : done + used] = entry.k_pe[:, :used]
+        done += used
+    for p in plan.placements:
+        dst = torch.arange(p.start, p.start + p.length, device=dev)
+        src_pos = torch.arange(p.length, device=dev) + (p.entry.position + p.offset)
+        sl = slice(p.offset, p.offset + p.length)
+        materialize(kv.c_kv, kv.k_pe, dst, p.entry.c_kv[:, sl], p.entry.k_pe[:, sl], src_pos,
+                    dst, runner.spec)
+    kv.length = n
+    ids = torch.from_numpy(plan.ids.astype(np.int64))
+    source = plan.source.copy()
+    if plan.policy != "blend" or len(plan.blend_candidates) == 0:
+        q = torch.from_numpy(plan.compute)
+        h = runner.run_layers(kv, runner.embed(ids[q]), q, 0, runner.num_layers)
+    else:
+        q, picked = _blend(runner, plan, kv, ids)
+        source[picked] = RECOMPUTED
+        h = runner.run_layers(kv, q[1], q[0], 1, runner.num_layers)
+    return PrefillOutcome(runner.logits(h[:, -1:])[0], source, kv)
+
+
+def _blend(runner: ModelRunner, plan: Plan, kv: KVBuffer, ids: torch.Tensor):
+    """CacheBlend's selection. Layer 0 runs for every non-prefix token (its KV depends only on
+    the token and position); the placed tokens whose fresh layer-1 latents differ most from the
+    placed ones are picked. Returns ((positions, layer-0 hidden) to run in layers 1..; picks)."""
+    q0 = torch.arange(plan.prefix_len, len(plan.ids))
+    h0 = runner.run_layers(kv, runner.embed(ids[q0]), q0, 0, 1)
+    cand = torch.from_numpy(plan.blend_candidates)
+    if runner.num_layers > 1 and plan.blend_count < len(cand):
+        dev = cand.to(runner.device)
+        c_new, k_new = runner.probe_kv(1, h0[:, dev - plan.prefix_len], dev)
+        score = (c_new.float() - kv.c_kv[1, dev].float()).square().sum(-1)
+        score += (k_new.float() - kv.k_pe[1, dev].float()).square().sum(-1)
+        picked = cand[score.topk(plan.blend_count).indices.cpu()]
+    else:
+        picked = cand
+    q1 = torch.from_numpy(np.union1d(plan.compute, picked.numpy()))
+    return (q1, h0[:, (q1 - plan.prefix_len).to(runner.device)]), picked.numpy()
+
+
+def commit(store: ChunkStore, plan: Plan, outcome: PrefillOutcome, namespace: str = ""
+           ) -> list[tuple[str, KVEntry]] | None:
+    """Store the prompt's chunks: the exactly computed leading chunks extend the prefix trie,
+    chunks without a content hit enter the content index (one entry shared by both).
+    Returns the trie path [(chunk key, entry)] if the whole prompt is exact, else None."""
+    kv, source = outcome.kv, outcome.source
+    reused = np.flatnonzero(source == REUSED)
+    exact_end = int(reused[0]) if reused.size else len(plan.ids)
+    # Trie edges this prompt matched whole, by start position: reused as they are.
+    edges = {e.position: e for e, used in plan.prefix.parts if used == len(e)}
+    hits = set(plan.hit_chunks)
+    path: list[tuple[str, KVEntry]] = []
+    for i, ref in enumerate(plan.chunks):
+        entry = edges.get(ref.start)
+        if entry is None or len(entry) != ref.end - ref.start or ref.end > plan.prefix_len:
+            entry = None
+            if i not in hits or ref.end <= exact_end:
+                entry = KVEntry(plan.ids[ref.start : ref.end], ref.start,
+                                kv.c_kv[:, ref.start : ref.end].clone(),
+                                kv.k_pe[:, ref.start : ref.end].clone())
+        if entry is not None and ref.end <= exact_end and len(path) == i:
+            path.append((ref.key, entry))
+        if entry is not None and i not in hits:
+            store.put(ref.key, entry)
+    if path:
+        store.insert_prefix(namespace, path)
+    return path if exact_end == len(plan.ids) else None

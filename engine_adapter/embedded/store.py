@@ -1,0 +1,321 @@
+"""The chunk KV store: content-addressed chunks plus an exact-prefix trie, one byte budget.
+
+An entry is the latent KV of a run of tokens computed once: its token IDs, the position of
+its first token, c_KV [L, T, rank] and k_pe [L, T, rope_dim] (RoPE'd at that position).
+Two indexes point at entries:
+
+* the content index, chunk key -> entry, used for position-independent reuse;
+* the prefix trie, per namespace, whose edges are chunks: a path from the root is a prompt
+  prefix whose KV was computed exactly (no reuse before it), like a radix cache at chunk
+  granularity. A request may also use the first tokens of an edge (KV at position p depends
+  only on tokens 0..p), so matching is exact to the token.
+
+An entry held by both indexes is stored once. A key is a hint, never a proof: every hit
+compares token IDs, and a key whose entry holds other IDs counts as a collision and a miss.
+Eviction is LRU over entries, skipping pinned ones (refs > 0) and trie nodes with children.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+
+class KVEntry:
+    """Latent KV of tokens ``ids`` computed at positions position .. position + len - 1."""
+
+    __slots__ = ("c_kv", "content_key", "ids", "k_pe", "node", "position", "refs")
+
+    def __init__(self, ids, position: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        self.ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int32))
+        if c_kv.shape[1] != len(self.ids) or k_pe.shape[1] != len(self.ids):
+            raise ValueError("c_kv/k_pe must hold one row per token: [L, T, dim]")
+        self.position = int(position)
+        self.c_kv, self.k_pe = c_kv, k_pe
+        self.refs = 0  # pins by in-flight requests
+        self.content_key: str | None = None  # set while in the content index
+        self.node: _Node | None = None  # set while in the prefix trie
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        return self.c_kv.nbytes + self.k_pe.nbytes + self.ids.nbytes
+
+
+class _Node:
+    __slots__ = ("by_first", "children", "entry", "key", "parent")
+
+    def __init__(self, key: str, entry: KVEntry | None, parent: _Node | None):
+        self.key, self.entry, self.parent = key, entry, parent
+        self.children: dict[str, _Node] = {}
+        self.by_first: dict[int, list[_Node]] = {}  # first token -> children, for partial hits
+
+
+class PrefixMatch(NamedTuple):
+    """The longest cached exact prefix: (entry, tokens used from it) per edge, in order."""
+
+    parts: tuple[tuple[KVEntry, int], ...]
+    length: int  # tokens covered
+
+
+class StoreStats(NamedTuple):
+    entries: int
+    bytes: int
+    capacity_bytes: int
+    content_entries: int
+    prefix_nodes: int
+    pinned: int
+    hits: int
+    misses: int
+    collisions: int
+    evictions: int
+    rejected: int
+    prefix_lookups: int
+    prefix_tokens: int
+
+
+class ChunkStore:
+    """Byte-bounded LRU store of :class:`KVEntry` behind a content index and a prefix trie.
+
+    Thread-safe (one internal lock). ``acquire``/``release`` (or ``pinned``) protect entries
+    a request is using from eviction.
+    """
+
+    def __init__(self, cache_bytes: int):
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        self.capacity = int(cache_bytes)
+        self._lock = threading.RLock()
+        self._content: dict[str, KVEntry] = {}
+        self._roots: dict[str, _Node] = {}
+        self._lru: OrderedDict[int, KVEntry] = OrderedDict()  # held entries, oldest first
+        self._bytes = 0
+        self._nodes = 0
+        self._hits = self._misses = self._collisions = 0
+        self._evictions = self._rejected = 0
+        self._prefix_lookups = self._prefix_tokens = 0
+
+    # ---- content index -------------------------------------------------------------------
+    def lookup(self, key: str, ids) -> KVEntry | None:
+        """The entry stored under ``key`` if its token IDs equal ``ids``, else None.
+
+        A present key with other IDs is a collision (or a corrupted entry): counted, missed.
+        A hit becomes the most recently used entry.
+        """
+        ids = np.asarray(ids, dtype=np.int32)
+        with self._lock:
+            entry = self._content.get(key)
+            if entry is None or not np.array_equal(entry.ids, ids):
+                self._misses += 1
+                self._collisions += entry is not None
+                return None
+            self._hits += 1
+            self._touch(entry)
+            return entry
+
+    def put(self, key: str, entry: KVEntry) -> bool:
+        """Index ``entry`` under ``key``; True if the key now maps to these token IDs.
+
+        An existing entry with the same IDs is kept (and touched); one with other IDs is a
+        collision and is kept too. Evicts LRU entries to make room; False if it cannot fit.
+        """
+        with self._lock:
+            old = self._content.get(key)
+            if old is not None:
+                same = np.array_equal(old.ids, entry.ids)
+                self._collisions += not same
+                if same:
+                    self._touch(old)
+                return same
+            if not self._hold(entry):
+                return False
+            entry.content_key = key
+            self._content[key] = entry
+            return True
+
+    # ---- prefix trie ---------------------------------------------------------------------
+    def match_prefix(self, namespace: str, ids, chunks: Sequence) -> PrefixMatch:
+        """Longest exact cached prefix of ``ids``: a radix walk down the namespace's trie.
+
+        Where a chunk (ChunkRef) starts, its key finds the edge, verified by token IDs;
+        elsewhere, or on a miss, the child sharing the longest run of leading tokens is
+        taken, and the walk goes on below it only if all its tokens matched. Touches every
+        entry used.
+        """
+        ids = np.asarray(ids, dtype=np.int32)
+        starts = {ref.start: ref for ref in chunks}
+        parts: list[tuple[KVEntry, int]] = []
+        covered = 0
+        with self._lock:
+            self._prefix_lookups += 1
+            node = self._roots.get(namespace)
+            while node is not None and covered < len(ids):
+                ref = starts.get(covered)
+                child = node.children.get(ref.key) if ref is not None else None
+                if child is not None:
+                    if np.array_equal(child.entry.ids, ids[ref.start : ref.end]):
+                        parts.append((child.entry, len(child.entry)))
+                        covered, node = ref.end, child
+                        continue
+                    self._collisions += 1
+                best, best_n = None, 0
+                for cand in node.by_first.get(int(ids[covered]), ()):
+                    n = _common_prefix(cand.entry.ids, ids[covered:])
+                    if n > best_n:
+                        best, best_n = cand, n
+                if best is None:
+                    break
+                parts.append((best.entry, best_n))
+                covered += best_n
+                node = best if best_n == len(best.entry) else None
+            for entry, _ in parts:
+                self._touch(entry)
+            self._prefix_tokens += covered
+        return PrefixMatch(tuple(parts), covered)
+
+    def insert_prefix(self, namespace: str, path: Iterable[tuple[str, KVEntry]]) -> int:
+        """Extend the trie of ``namespace`` along ``path`` [(chunk key, entry)], from the root.
+
+        Entries must tile the prefix from position 0 and be exactly computed. Existing edges
+        with the same IDs are followed (their entries kept); the walk stops at a collision
+        or when an entry cannot fit. Returns the number of tokens the trie now covers.
+        """
+        with self._lock:
+            node = self._roots.get(namespace)
+            if node is None:
+                node = self._roots[namespace] = _Node("", None, None)
+            covered = 0
+            for key, entry in path:
+                if entry.position != covered:
+                    raise ValueError(f"prefix entry at {entry.position}, expected {covered}")
+                child = node.children.get(key)
+                if child is None:
+                    if entry.node is not None or not self._hold(entry):
+                        break
+                    child = _Node(key, entry, node)
+                    entry.node = child
+                    node.children[key] = child
+                    node.by_first.setdefault(int(entry.ids[0]), []).append(child)
+                    self._nodes += 1
+                elif not np.array_equal(child.entry.ids, entry.ids):
+                    self._collisions += 1
+                    break
+                else:
+                    self._touch(child.entry)
+                node, covered = child, covered + len(entry)
+            return covered
+
+    # ---- pins ----------------------------------------------------------------------------
+    def acquire(self, entries: Iterable[KVEntry]) -> None:
+        """Pin entries: never evicted until released."""
+        with self._lock:
+            for e in entries:
+                e.refs += 1
+
+    def release(self, entries: Iterable[KVEntry]) -> None:
+        with self._lock:
+            for e in entries:
+                if e.refs <= 0:
+                    raise RuntimeError("release of an entry that is not pinned")
+                e.refs -= 1
+
+    @contextmanager
+    def pinned(self, entries: Iterable[KVEntry]) -> Iterator[list[KVEntry]]:
+        held = list(entries)
+        self.acquire(held)
+        try:
+            yield held
+        finally:
+            self.release(held)
+
+    # ---- bookkeeping ---------------------------------------------------------------------
+    def clear(self) -> None:
+        """Drop every entry from both indexes (pinned ones live on with their holders)."""
+        with self._lock:
+            for e in self._lru.values():
+                e.content_key, e.node = None, None
+            self._content.clear()
+            self._roots.clear()
+            self._lru.clear()
+            self._bytes = self._nodes = 0
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(
+                entries=len(self._lru),
+                bytes=self._bytes,
+                capacity_bytes=self.capacity,
+                content_entries=len(self._content),
+                prefix_nodes=self._nodes,
+                pinned=sum(e.refs > 0 for e in self._lru.values()),
+                hits=self._hits,
+                misses=self._misses,
+                collisions=self._collisions,
+                evictions=self._evictions,
+                rejected=self._rejected,
+                prefix_lookups=self._prefix_lookups,
+                prefix_tokens=self._prefix_tokens,
+            )
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._content
+
+    def _touch(self, entry: KVEntry) -> None:
+        self._lru.move_to_end(id(entry))
+
+    def _hold(self, entry: KVEntry) -> bool:
+        """Account an entry that an index is about to hold, evicting to make room."""
+        if id(entry) in self._lru:
+            self._touch(entry)
+            return True
+        need = entry.nbytes
+        if need > self.capacity or not self._make_room(need):
+            self._rejected += 1
+            return False
+        self._lru[id(entry)] = entry
+        self._bytes += need
+        return True
+
+    def _make_room(self, need: int) -> bool:
+        while self._bytes + need > self.capacity:
+            victim = next(
+                (e for e in self._lru.values() if e.refs == 0 and not (e.node and e.node.children)),
+                None,
+            )
+            if victim is None:
+                return False
+            self._drop(victim)
+            self._evictions += 1
+        return True
+
+    def _drop(self, entry: KVEntry) -> None:
+        if entry.content_key is not None:
+            del self._content[entry.content_key]
+            entry.content_key = None
+        node = entry.node
+        if node is not None:
+            parent = node.parent
+            del parent.children[node.key]
+            siblings = parent.by_first[int(entry.ids[0])]
+            siblings.remove(node)
+            if not siblings:
+                del parent.by_first[int(entry.ids[0])]
+            entry.node = None
+            self._nodes -= 1
+        del self._lru[id(entry)]
+        self._bytes -= entry.nbytes
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n

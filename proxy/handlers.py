@@ -1,0 +1,236 @@
+"""The API endpoints: read and check the body, analyse the prompt, forward, relay, log a row.
+
+Every API request ends as exactly one row (status, error, counts) whatever happens: bad
+input (400/413 in the API's own error JSON), an upstream that refuses (502) or hangs (504),
+a stream cut short (an error event), a client that goes away (499).
+
+The prompt analysis feeds the row, so it runs on the pipeline thread after the client has its
+answer and never competes with the relay; only in irminsul mode, where the annotation must go
+with the request, does the request wait for the tokenizing and chunking part of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from irminsul.engine_adapter.contract import ANNOTATION_KEY, SGLANG_HINT_KEY
+from irminsul.proxy import shapes
+from irminsul.proxy.attribution import normalize_attribution
+from irminsul.proxy.errors import TranslationError, error_response, upstream_error_message
+from irminsul.proxy.exchange import CLIENT_CLOSED, Exchange
+from irminsul.proxy.forward import (
+    UpstreamFailure,
+    relay,
+    request_headers,
+    response_headers,
+    upstream_call,
+)
+from irminsul.proxy.identity import session_key, tenant_from_headers
+from irminsul.proxy.pipeline import analyze_quietly, annotation_json
+from irminsul.proxy.reorder import reorder_body
+from irminsul.proxy.replies import Reply, fail, read_all, read_json
+from irminsul.proxy.state import STATE_KEY, ProxyState
+from irminsul.proxy.stream_handlers import (
+    AnthropicEvents,
+    OpenAIEvents,
+    ResponsesEvents,
+)
+from irminsul.proxy.streams import relay_sse
+from irminsul.proxy.translated import translated
+from irminsul.proxy.usage import (
+    read_anthropic,
+    read_generate,
+    read_openai,
+    rewrite_anthropic,
+    rewrite_generate,
+    rewrite_openai,
+)
+
+log = logging.getLogger(__name__)
+
+
+def api_handler(api: str):
+    """The aiohttp handler of one API ("chat", "completions", "generate", "messages",
+    "responses")."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        st = request.app[STATE_KEY]
+        ex = Exchange(endpoint=shapes.ENDPOINTS[api], mode=st.upstream.info.row_mode,
+                      t0=time.monotonic())
+        st.metrics.in_flight.inc()
+        try:
+            return await _serve(request, st, api, ex)
+        except Reply as r:
+            return r.response
+        except asyncio.CancelledError:
+            ex.fail(CLIENT_CLOSED, "client disconnected")
+            raise
+        except Exception as e:
+            log.exception("internal error serving %s", ex.endpoint)
+            ex.fail(500, f"internal proxy error: {type(e).__name__}")
+            return error_response(shapes.error_shape(api), 500,
+                                  "internal proxy error; see the proxy's log")
+        finally:
+            st.metrics.in_flight.dec()
+            ex.finish()
+            st.finish(ex)
+
+    return handler
+
+
+def _rewrite(st: ProxyState, api: str, body: dict, stock: bool) -> dict:
+    """The body to forward: the opt-in system-prompt rewrites applied (body unchanged)."""
+    out = body
+    if st.config.normalize_claude_attribution:
+        out, _ = normalize_attribution(out, api)
+    if st.config.reorder == "stable-first" and stock:
+        out, _ = reorder_body(out, api)
+    return out
+
+
+async def _serve(request: web.Request, st: ProxyState, api: str, ex: Exchange):
+    info = await st.upstream.ensure_probed()
+    ex.mode = info.row_mode
+    raw, body = await read_json(request, st, api, ex)
+    ex.session = session_key(request.headers, body)
+    ex.tenant = tenant_from_headers(request.headers, st.config.tenant_salt)
+    ex.stream = body.get("stream") is True
+    ex.model = shapes.model_of(body, info.model)
+    if st.recorder is not None:
+        st.recorder.record(ex.endpoint, ex.session, body)
+    try:
+        shapes.check(api, body)
+        fwd = _rewrite(st, api, body, info.mode == "stock")
+        chat = shapes.translate(api, fwd)
+    except TranslationError as e:
+        raise fail(api, ex, e.status, e.message, e.param) from None
+    source = shapes.prompt_source(api, fwd, chat)
+    irminsul = info.mode == "irminsul"
+    annotation = None
+    if st.pipeline is not None and source is not None:
+        namespace = ex.tenant if st.config.isolate_tenants and ex.tenant else ""
+        pipeline = st.pipeline
+        if irminsul:  # the annotation goes with the request: tokenize and chunk first
+            prep = await analyze_quietly(pipeline.submit_prepare(
+                source, session=ex.session, namespace=namespace))
+            if prep is not None:
+                annotation = annotation_json(prep.annotation)
+                # the rest (divergence, turn) only feeds the row: after the answer, like stock
+                ex.start_analysis = lambda: pipeline.submit_complete(
+                    prep, source, session=ex.session, track_seen=False)
+        else:  # it only feeds the row: run it once the client has its answer
+            ex.start_analysis = lambda: pipeline.submit(source, session=ex.session,
+                                                        namespace=namespace)
+    elif st.config.log_prompts:
+        ex.prompt = shapes.prompt_for_log(api, fwd, chat)
+    native = (api in ("chat", "completions", "generate")
+              or (api == "messages" and info.has_messages)
+              or (api == "responses" and info.has_responses))
+    try:
+        if native:
+            return await _native(request, st, api, ex, raw, body, fwd, annotation)
+        return await translated(request, st, api, ex, body, chat, annotation)
+    except UpstreamFailure as e:
+        raise fail(api, ex, e.status, e.message) from None
+
+
+def _usage_option(body: dict) -> dict | None:
+    """stream_options asking for usage, if the client's do not already; else None."""
+    opts = body.get("stream_options")
+    if isinstance(opts, dict) and opts.get("include_usage"):
+        return None
+    return {**(opts or {}), "include_usage": True}
+
+
+def _encode(raw: bytes, body: dict, fwd: dict, extra: dict) -> bytes:
+    """The JSON to forward: ``fwd`` plus the ``extra`` top-level keys. When the client's body
+    goes unchanged, the keys are spliced onto its raw bytes instead of serialising 100 KB of
+    conversation again (valid JSON either way: a key the body had is replaced, not doubled)."""
+    if fwd is body and not any(k in body for k in extra):
+        head = raw.rstrip()
+        if head.endswith(b"}"):
+            if not extra:
+                return raw
+            items = json.dumps(extra, ensure_ascii=False, separators=(",", ":"))[1:-1]
+            sep = b"," if body else b""
+            return head[:-1] + sep + items.encode() + b"}"
+    return json.dumps({**fwd, **extra}, ensure_ascii=False).encode()
+
+
+async def _native(request, st: ProxyState, api: str, ex: Exchange, raw: bytes, body: dict,
+                  fwd: dict, annotation: dict | None):
+    extra: dict = {}
+    if annotation is not None:
+        extra[ANNOTATION_KEY] = annotation
+        if api == "generate":
+            extra[SGLANG_HINT_KEY] = annotation
+    drop_usage = False
+    if ex.stream and api in ("chat", "completions"):
+        opts = _usage_option(fwd)
+        if opts is not None:
+            extra["stream_options"], drop_usage = opts, True
+    data = _encode(raw, body, fwd, extra)
+    rewrite = st.upstream.info.mode == "irminsul"  # only an irminsul engine sends the split
+    async with upstream_call(st.upstream, "POST", request.path, query=request.query_string,
+                             headers=request_headers(request.headers), data=data) as resp:
+        sse = resp.content_type == "text/event-stream"
+        if resp.status == 200 and ex.stream and sse:
+            if api == "messages":
+                handler = AnthropicEvents(ex, rewrite=rewrite)
+            elif api == "responses":
+                handler = ResponsesEvents(ex, rewrite=rewrite)
+            else:
+                handler = OpenAIEvents(api, ex, rewrite=rewrite, drop_usage_chunk=drop_usage)
+            return await relay_sse(request, resp, ex, handler)
+        return await _whole(resp, api, ex, rewrite)
+
+
+async def _whole(resp, api: str, ex: Exchange, rewrite: bool) -> web.Response:
+    """A non-streamed upstream answer, relayed with usage read (and rewritten)."""
+    raw = await read_all(resp)
+    headers = response_headers(resp.headers)
+    if resp.status != 200:
+        ex.fail(resp.status, upstream_error_message(resp.status, raw))
+        return web.Response(status=resp.status, body=raw, headers=headers)
+    ex.finish(200)
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return web.Response(status=200, body=raw, headers=headers)
+    if not isinstance(payload, dict):
+        return web.Response(status=200, body=raw, headers=headers)
+    changed = False
+    if api == "generate":
+        meta = payload.get("meta_info")
+        ex.usage = read_generate(meta)
+        if rewrite and isinstance(meta, dict) and meta.get("irminsul") is not None:
+            payload, changed = {**payload, "meta_info": rewrite_generate(meta)}, True
+    else:
+        usage = payload.get("usage")
+        read = read_anthropic if api == "messages" else read_openai
+        ex.usage = read(usage)
+        if rewrite and isinstance(usage, dict) and usage.get("irminsul") is not None:
+            if api == "messages":
+                usage = rewrite_anthropic(usage)
+            else:
+                key = "input_tokens_details" if api == "responses" else "prompt_tokens_details"
+                usage = rewrite_openai(usage, details_key=key)
+            payload, changed = {**payload, "usage": usage}, True
+    if changed:
+        raw = json.dumps(payload, ensure_ascii=False).encode()
+    return web.Response(status=200, body=raw, headers=headers)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[STATE_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    st = request.app[STATE_KEY]
+    return await relay(request, st.upstream, st.config.max_body_bytes)

@@ -1,0 +1,150 @@
+"""ChunkStore: verified hits, collisions, byte-bounded LRU, pins, and the exact-prefix trie."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from irminsul.chunking.keys import chunk_key
+from irminsul.engine_adapter.contract import ChunkRef
+from irminsul.engine_adapter.embedded.store import ChunkStore, KVEntry
+
+L, RANK, ROPE = 2, 8, 4
+
+
+def entry(ids, position: int = 0) -> KVEntry:
+    """An entry whose KV values encode its token IDs (so a wrong entry is visible)."""
+    ids = np.asarray(ids, dtype=np.int32)
+    t = torch.as_tensor(ids, dtype=torch.float32)
+    c = t[None, :, None].expand(L, len(ids), RANK).clone()
+    return KVEntry(ids, position, c, c[..., :ROPE].clone())
+
+
+def key(ids, namespace: str = "") -> str:
+    return chunk_key(np.asarray(ids, dtype=np.int32), namespace=namespace)
+
+
+SIZE = entry(range(4)).nbytes  # bytes of a 4-token entry
+
+
+def refs(ids, chunks: list[tuple[int, int]], namespace: str = "") -> list[ChunkRef]:
+    return [ChunkRef(key(ids[s:e], namespace), s, e) for s, e in chunks]
+
+
+def test_hit_requires_equal_token_ids():
+    store = ChunkStore(10 * SIZE)
+    e = entry([1, 2, 3, 4])
+    assert store.put(key([1, 2, 3, 4]), e)
+    assert store.lookup(key([1, 2, 3, 4]), [1, 2, 3, 4]) is e
+    assert store.lookup(key([5, 6, 7, 8]), [5, 6, 7, 8]) is None
+    st = store.stats()
+    assert (st.hits, st.misses, st.collisions, st.entries) == (1, 1, 0, 1)
+
+
+def test_colliding_key_is_a_miss_never_other_kv():
+    store = ChunkStore(10 * SIZE)
+    k = key([1, 2, 3, 4])
+    store.put(k, entry([1, 2, 3, 4]))
+    # A request whose chunk hashes to k but holds other tokens (a collision, or a corrupted
+    # entry): the store must answer miss, not the KV of [1, 2, 3, 4].
+    assert store.lookup(k, [9, 9, 9, 9]) is None
+    assert store.lookup(k, [1, 2, 3]) is None  # a prefix of the stored IDs is not equal
+    assert not store.put(k, entry([9, 9, 9, 9]))  # the first entry stays
+    assert store.lookup(k, [1, 2, 3, 4]).ids.tolist() == [1, 2, 3, 4]
+    st = store.stats()
+    assert st.collisions == 3 and st.misses == 2 and st.hits == 1
+
+
+def test_lru_eviction_under_byte_budget():
+    store = ChunkStore(3 * SIZE)
+    chunks = [[i, i, i, i] for i in range(5)]
+    for ids in chunks[:3]:
+        assert store.put(key(ids), entry(ids))
+    assert store.lookup(key(chunks[0]), chunks[0]) is not None  # 0 becomes most recent
+    assert store.put(key(chunks[3]), entry(chunks[3]))  # evicts 1, the least recent
+    assert key(chunks[1]) not in store and key(chunks[0]) in store
+    st = store.stats()
+    assert st.evictions == 1 and st.bytes == 3 * SIZE <= st.capacity_bytes
+
+
+def test_pinned_entries_survive_eviction_pressure():
+    store = ChunkStore(2 * SIZE)
+    a, b = entry([1] * 4), entry([2] * 4)
+    store.put(key([1] * 4), a)
+    store.put(key([2] * 4), b)
+    with store.pinned([a]):
+        assert store.put(key([3] * 4), entry([3] * 4))  # b goes, a (older but pinned) stays
+        assert key([1] * 4) in store and key([2] * 4) not in store
+        store.acquire([store.lookup(key([3] * 4), [3] * 4)])
+        assert not store.put(key([4] * 4), entry([4] * 4))  # all pinned: refused, not evicted
+        assert store.stats().rejected == 1 and store.stats().pinned == 2
+    assert store.put(key([4] * 4), entry([4] * 4))  # a was released: now it can go
+    assert key([1] * 4) not in store and key([3] * 4) in store
+    with pytest.raises(RuntimeError):
+        store.release([a])
+
+
+def test_entry_larger_than_budget_is_refused():
+    store = ChunkStore(SIZE - 1)
+    assert not store.put(key([1] * 4), entry([1] * 4))
+    assert store.stats().entries == 0 and store.stats().rejected == 1
+
+
+def test_prefix_trie_longest_exact_match_to_the_token():
+    store = ChunkStore(100 * SIZE)
+    ids = np.arange(100, 112, dtype=np.int32)
+    spans = [(0, 4), (4, 8), (8, 12)]
+    path = [(r.key, entry(ids[r.start : r.end], r.start)) for r in refs(ids, spans)]
+    assert store.insert_prefix("", path) == 12
+    # Same prompt: every edge, verified by IDs.
+    m = store.match_prefix("", ids, refs(ids, spans))
+    assert m.length == 12 and [e for e, _ in m.parts] == [e for _, e in path]
+    # A longer prompt whose chunking cut the last cached chunk differently.
+    longer = np.concatenate([ids, [7, 7, 7]]).astype(np.int32)
+    m = store.match_prefix("", longer, refs(longer, [(0, 4), (4, 8), (8, 15)]))
+    assert m.length == 12 and m.parts[-1][1] == 4  # partial edge: all 4 tokens match
+    # Diverging inside the second chunk: exact up to the first differing token.
+    other = ids.copy()
+    other[6] = 1
+    m = store.match_prefix("", other, refs(other, spans))
+    assert m.length == 6 and [n for _, n in m.parts] == [4, 2]
+    # Another namespace sees nothing.
+    assert store.match_prefix("tenant-b", ids, refs(ids, spans, "tenant-b")).length == 0
+    assert store.stats().prefix_nodes == 3
+
+
+def test_prefix_trie_refuses_colliding_edge():
+    store = ChunkStore(100 * SIZE)
+    ids = np.arange(8, dtype=np.int32)
+    r = refs(ids, [(0, 4), (4, 8)])
+    store.insert_prefix("", [(x.key, entry(ids[x.start : x.end], x.start)) for x in r])
+    fake = ids.copy()
+    fake[4:] = 50  # a prompt claiming the same key for its second chunk
+    m = store.match_prefix("", fake, [r[0], ChunkRef(r[1].key, 4, 8)])
+    assert m.length == 4 and store.stats().collisions == 1
+
+
+def test_interior_trie_nodes_outlive_their_children():
+    store = ChunkStore(3 * SIZE)
+    ids = np.arange(8, dtype=np.int32)
+    r = refs(ids, [(0, 4), (4, 8)])
+    store.insert_prefix("", [(x.key, entry(ids[x.start : x.end], x.start)) for x in r])
+    store.put(key([9] * 4), entry([9] * 4))
+    store.put(key([8] * 4), entry([8] * 4))  # over budget: the root edge is oldest but has a child
+    assert store.match_prefix("", ids, r).length == 4  # the leaf edge went first
+    assert store.stats().prefix_nodes == 1
+
+
+def test_shared_entry_is_counted_once_and_cleared():
+    store = ChunkStore(100 * SIZE)
+    ids = np.arange(4, dtype=np.int32)
+    e = entry(ids)
+    store.put(key(ids), e)
+    store.insert_prefix("", [(key(ids), e)])
+    st = store.stats()
+    assert st.bytes == e.nbytes and st.entries == 1 and st.content_entries == 1
+    store.clear()
+    st = store.stats()
+    assert st.bytes == 0 and st.entries == 0 and st.prefix_nodes == 0
+    assert store.lookup(key(ids), ids) is None
