@@ -124,6 +124,14 @@ async def analysed(http: aiohttp.ClientSession, proxy: str) -> int:
     return 0
 
 
+async def wait_analysed(http: aiohttp.ClientSession, proxy: str, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while (seen := await analysed(http, proxy)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the proxy analysed {seen} prompts, expected {count}")
+        await asyncio.sleep(0.002)
+
+
 async def measure(direct: str, proxy: str, cold: list[list], warm: list[list], stream: bool):
     """Alternate direct and proxied calls. After each proxied call, wait (polling /metrics)
     until the proxy's background analysis of it is done, so it never overlaps the next
@@ -133,6 +141,12 @@ async def measure(direct: str, proxy: str, cold: list[list], warm: list[list], s
         done = await analysed(http, proxy)
         for kind, bodies in (("cold", cold), ("warm", warm)):
             d, p = [], []
+            if kind == "warm":  # the conversation once through both, unmeasured: now it is warm
+                for url in (direct, proxy):
+                    await timed(http, url, {"model": "m", "messages": warm[0], "max_tokens": 4},
+                                stream)
+                done += 1
+                await wait_analysed(http, proxy, done)
             for i, msgs in enumerate(bodies):
                 body = {"model": "m", "messages": msgs, "max_tokens": 4}
                 order = ((direct, d), (proxy, p)) if i % 2 else ((proxy, p), (direct, d))
@@ -140,8 +154,7 @@ async def measure(direct: str, proxy: str, cold: list[list], warm: list[list], s
                     acc.append(await timed(http, url, body, stream))
                     if url == proxy:
                         done += 1
-                        while await analysed(http, proxy) < done:
-                            await asyncio.sleep(0.001)
+                        await wait_analysed(http, proxy, done)
             out[kind] = (d, p)
     return out
 
@@ -199,6 +212,7 @@ def main() -> None:
             for k, (stream, metric) in enumerate(((False, "latency"), (True, "ttft"))):
                 results = asyncio.run(measure(direct, proxy, colds[2 * m + k], warm, stream))
                 report(mode, metric, results)
+                sys.stdout.flush()
             mean, n = asyncio.run(analysis_seconds(proxy))
             print(f"{mode:9s} proxy prompt analysis (tokenize+chunk+divergence): mean "
                   f"{mean * 1e3:.2f} ms over {n} requests (cold and warm mixed)")

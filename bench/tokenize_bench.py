@@ -55,34 +55,58 @@ def stdlib_chunks(size: int = 3200) -> list[tuple[str, str]]:
     out = []
     for p in sorted(root.glob("*.py"), key=lambda p: p.name):
         t = p.read_text(encoding="utf-8", errors="ignore")
-        out += [(p.name, t[i:i + size]) for i in range(0, len(t), size)]
+        out += [(p.name, t[i : i + size]) for i in range(0, len(t), size)]
     return out
 
 
 def tools() -> list[dict]:
     names = ("read_file", "write_file", "run", "grep", "list_dir", "web_fetch")
-    return [{"type": "function", "function": {
-        "name": n, "description": f"{n.replace('_', ' ')}: " + "details " * 20,
-        "parameters": {"type": "object", "properties": {"arg": {"type": "string"}},
-                       "required": ["arg"]}}} for n in names]
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": n,
+                "description": f"{n.replace('_', ' ')}: " + "details " * 20,
+                "parameters": {
+                    "type": "object",
+                    "properties": {"arg": {"type": "string"}},
+                    "required": ["arg"],
+                },
+            },
+        }
+        for n in names
+    ]
 
 
 def conversation(tok: ModelTokenizer, target: int) -> tuple[list[dict], list[dict], list]:
     """(messages ending with a tool result, tools, unused stdlib chunks for new results)."""
     chunks = stdlib_chunks()
     filler = " ".join(["Prefer small, reviewable changes."] * 40)
-    msgs = [{"role": "system", "content": SYSTEM.format(filler=filler)},
-            {"role": "user", "content": "Find why the tests in tests/test_io.py fail and fix it."}]
+    msgs = [
+        {"role": "system", "content": SYSTEM.format(filler=filler)},
+        {"role": "user", "content": "Find why the tests in tests/test_io.py fail and fix it."},
+    ]
     k = 0
     while True:
         name, text = chunks[k]
-        call = {"id": f"call_{k}", "type": "function",
-                "function": {"name": "read_file", "arguments": json.dumps({"arg": name})}}
-        turn = [{"role": "assistant", "content": f"Reading {name}.", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": f"call_{k}", "content": text}]
+        call = {
+            "id": f"call_{k}",
+            "type": "function",
+            "function": {"name": "read_file", "arguments": json.dumps({"arg": name})},
+        }
+        turn = [
+            {"role": "assistant", "content": f"Reading {name}.", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call_{k}", "content": text},
+        ]
         k += 1
-        if len(tok._tok.encode(tok.apply_chat_template(msgs + turn, tools=tools()),
-                               add_special_tokens=False).ids) > target:
+        if (
+            len(
+                tok._tok.encode(
+                    tok.apply_chat_template(msgs + turn, tools=tools()), add_special_tokens=False
+                ).ids
+            )
+            > target
+        ):
             return msgs, tools(), chunks[k:]
         msgs += turn
 
@@ -131,9 +155,14 @@ def main(argv=None) -> int:
         def cold_call():
             tok.clear_cache()
             tok.encode_chat(msgs, tools=tl)
+
         cold += timed(cold_call, 1)
-        nocache += timed(lambda: raw.encode(tok.apply_chat_template(msgs, tools=tl),
-                                            add_special_tokens=False).ids, 1)
+        nocache += timed(
+            lambda: (
+                raw.encode(tok.apply_chat_template(msgs, tools=tl), add_special_tokens=False).ids
+            ),
+            1,
+        )
     med = statistics.median
 
     # warm turns: the previous request (all but the last message) was encoded already
@@ -143,19 +172,20 @@ def main(argv=None) -> int:
     short, tool_total, tool_new = [], [], []
     for i in range(a.turns):
         q = {"role": "user", "content": f"Turn {i}: now run the tests again and show me the diff."}
-        short += timed(lambda: tok.encode_chat(prev + [q], tools=tl), 1)
-        name, body = spare[i % len(spare)]
-        body = f"[{i}] {body[:3000]}"
+        short += timed(lambda q=q: tok.encode_chat(prev + [q], tools=tl), 1)
+        body = f"[{i}] {spare[i % len(spare)][1][:3000]}"
         result = {"role": "tool", "tool_call_id": msgs[-1]["tool_call_id"], "content": body}
-        tool_total += timed(lambda: tok.encode_chat(prev + [result], tools=tl), 1)
-        tool_new += timed(lambda: raw.encode(body, add_special_tokens=False).ids, 1)
+        tool_total += timed(lambda r=result: tok.encode_chat(prev + [r], tools=tl), 1)
+        tool_new += timed(lambda b=body: raw.encode(b, add_special_tokens=False).ids, 1)
     added = [t - n for t, n in zip(tool_total, tool_new)]
     new_tokens = len(raw.encode(body, add_special_tokens=False).ids)
 
     ms = 1e3
     b = med(base)
-    print(f"DeepSeek tokenizer ({tok.vocab_size} ids), prompt {n_tokens} tokens, "
-          f"{len(msgs)} messages, {len(text)} chars; python {sys.version.split()[0]}")
+    print(
+        f"DeepSeek tokenizer ({tok.vocab_size} ids), prompt {n_tokens} tokens, "
+        f"{len(msgs)} messages, {len(text)} chars; python {sys.version.split()[0]}"
+    )
     print(f"{'measure':<52}{'p50 ms':>9}{'p95 ms':>9}{'ratio':>8}")
     rows = [
         ("tokenizers encode (rendered prompt)", base, 1.0),
@@ -168,9 +198,11 @@ def main(argv=None) -> int:
     ]
     for label, xs, ratio in rows:
         print(f"{label:<52}{med(xs) * ms:>9.2f}{pct(xs, 0.95) * ms:>9.2f}{ratio:>8.3f}")
-    print(f"cold / tokenizer alone: {med(cold) / b:.3f}x (target <= 1.2x); "
-          f"warm short-turn p50: {med(short) * ms:.2f} ms, tool-turn added p50: "
-          f"{med(added) * ms:.2f} ms (target <= 2 ms)")
+    print(
+        f"cold / tokenizer alone: {med(cold) / b:.3f}x (target <= 1.2x); "
+        f"warm short-turn p50: {med(short) * ms:.2f} ms, tool-turn added p50: "
+        f"{med(added) * ms:.2f} ms (target <= 2 ms)"
+    )
     return 0
 
 

@@ -20,7 +20,7 @@ NOT_ADDED = -1
 
 
 class Piece(NamedTuple):
-    """One piece of a split text: text[start:start + len(text)]; token_id >= 0 for an added token."""
+    """text == whole[start:start + len(text)]; token_id >= 0 when the piece is an added token."""
 
     start: int
     text: str

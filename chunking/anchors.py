@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from bisect import bisect_right
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
 import xxhash
 
 from .chat import ChatTemplateError
+from .layout_memo import HeaderBook, RenderMemo
 
 # A line that opens a section: "# Heading" (1-6 '#', then a blank), "<tag ...>" or "---".
 # Matched at the newline before it, so the anchor is that match's start + 1.
@@ -51,69 +50,6 @@ class ChatLayout(NamedTuple):
     exact: bool  # True when found by rendering every prefix (no content spans)
 
 
-class HeaderBook:
-    """What one template puts before each role's content. Thread-safe.
-
-    ``match(role, glue)`` gives the header length at the end of ``glue`` (the text between
-    the previous content and this one): first from glues seen before (exact memo, which
-    also remembers "no prefix split exists here" as -1), then from the longest known
-    non-empty header of that role that ends the glue. An empty header is only memoised per
-    glue: learned as a suffix it would match every glue of the role.
-    """
-
-    def __init__(self, max_headers: int = 32, max_glues: int = 4096, max_glue_chars: int = 1024):
-        self.max_headers, self.max_glues, self.max_glue_chars = max_headers, max_glues, max_glue_chars
-        self._by_role: dict[str, list[str]] = {}
-        self._glues: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
-
-    def match(self, role: str, glue: str) -> int | None:
-        hl = self._glues.get((role, glue))
-        if hl is not None:
-            return hl
-        for h in self._by_role.get(role, ()):  # longest first
-            if glue.endswith(h):
-                return len(h)
-        return None
-
-    def learn(self, role: str, glue: str, header_len: int) -> None:
-        """Record that ``glue`` ends with a ``header_len``-char header (-1: none found)."""
-        with self._lock:
-            if len(glue) <= self.max_glue_chars and len(self._glues) < self.max_glues:
-                self._glues[(role, glue)] = header_len
-            known = self._by_role.get(role, [])
-            if header_len > 0 and len(known) < self.max_headers:
-                h = glue[len(glue) - header_len:]
-                if h not in known:
-                    # replaced whole: readers never see a half-sorted list
-                    self._by_role[role] = sorted([*known, h], key=len, reverse=True)
-
-
-class RenderMemo:
-    """LRU of render results keyed by a digest: skeleton renders (text) and, in exact mode,
-    prefix-render lengths (int). Agents resend the conversation every turn, so the same
-    skeleton or prefix comes back with one more message."""
-
-    def __init__(self, max_entries: int = 4096):
-        self.max_entries = max_entries
-        self._d: OrderedDict[bytes, object] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: bytes):
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
-
-    def put(self, key: bytes, value) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.max_entries:
-                self._d.popitem(last=False)
-
-
 def _skeleton(messages: list[dict], nonempty_only: bool) -> list[dict] | None:
     out, any_sentinel = [], False
     for i, m in enumerate(messages):
@@ -127,7 +63,9 @@ def _skeleton(messages: list[dict], nonempty_only: bool) -> list[dict] | None:
 
 def _content_len(text: str, cur: int, content: str, after: str) -> int | None:
     """Length of the rendered form of ``content`` at text[cur:], followed by glue ``after``."""
-    for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+    if text.startswith(content, cur) and text.startswith(after, cur + len(content)):
+        return len(content)  # verbatim, the usual case
+    for cand in dict.fromkeys((content.strip(), content.lstrip(), content.rstrip())):
         if text.startswith(cand, cur) and text.startswith(after, cur + len(cand)):
             return len(cand)
     if after:  # a template that keeps only part of the content (e.g. drops reasoning)
@@ -155,7 +93,7 @@ def _align(skel_text: str, text: str, messages: list[dict], expected: list[int])
         if not text.startswith(glue, cur):
             return None
         cur += len(glue)
-        after = skel_text[e: found[k + 1][1] if k + 1 < len(found) else len(skel_text)]
+        after = skel_text[e : found[k + 1][1] if k + 1 < len(found) else len(skel_text)]
         n = _content_len(text, cur, messages[i]["content"], after)
         if n is None:
             return None
@@ -164,9 +102,16 @@ def _align(skel_text: str, text: str, messages: list[dict], expected: list[int])
     return located if text[cur:] == skel_text[prev:] else None
 
 
-def chat_layout(render: Render, messages: list[dict], text: str, add_generation_prompt: bool,
-                book: HeaderBook, memo: RenderMemo, cache_key: Callable[[], bytes],
-                max_learn: int = 16) -> ChatLayout:
+def chat_layout(
+    render: Render,
+    messages: list[dict],
+    text: str,
+    add_generation_prompt: bool,
+    book: HeaderBook,
+    memo: RenderMemo,
+    cache_key: Callable[[], bytes],
+    max_learn: int = 16,
+) -> ChatLayout:
     """Message starts and content spans of ``text`` = render(messages, add_generation_prompt).
 
     ``cache_key()`` identifies the template and its variables (tools, ...) in ``memo``.
@@ -175,7 +120,9 @@ def chat_layout(render: Render, messages: list[dict], text: str, add_generation_
         skel = _skeleton(messages, nonempty_only)
         if skel is None:
             continue
-        key = xxhash.xxh3_128_digest(b"S" + cache_key() + repr((skel, add_generation_prompt)).encode())
+        key = xxhash.xxh3_128_digest(
+            b"S" + cache_key() + repr((skel, add_generation_prompt)).encode()
+        )
         skel_text = memo.get(key)
         if skel_text is None:
             try:
@@ -188,8 +135,9 @@ def chat_layout(render: Render, messages: list[dict], text: str, add_generation_
         expected = [i for i, m in enumerate(skel) if m is not messages[i]]
         located = _align(skel_text, text, messages, expected)
         if located is not None:
-            return _from_alignment(render, messages, skel, skel_text, located,
-                                   add_generation_prompt, book, max_learn)
+            return _from_alignment(
+                render, messages, skel, skel_text, located, add_generation_prompt, book, max_learn
+            )
     return _exact(render, messages, text, add_generation_prompt, memo, cache_key)
 
 
@@ -231,9 +179,16 @@ def _from_alignment(render, messages, skel, skel_text, located, agp, book, max_l
                         hl = hi - p if lo <= p <= hi else -1
                         book.learn(role, glue, hl)
                 start = hi - hl if hl is not None and hl >= 0 else None
-            else:  # a message without located content: only an exact render places it
-                p = exact_end(i)
-                start = p if p is not None and lo <= p <= hi else None
+            else:  # no located content here or before: an exact render places it, once
+                key = f"\x01{messages[i].get('role')}@{i - (prev.index if prev else -1)}"
+                glue = skel_text[lo:hi]
+                rel = book.recall(key, glue)
+                if rel is None:
+                    p = exact_end(i)
+                    if p is not None:
+                        rel = p - lo if lo <= p <= hi else -1
+                        book.remember(key, glue, rel)
+                start = lo + rel if rel is not None and rel >= 0 else None
             starts[i] = max(to_real(start if start is not None else lo), starts[i - 1])
         if loc is not None:
             prev = loc
@@ -260,14 +215,18 @@ def _next_start(located, i: int, default: int) -> int:
     return default
 
 
-def _exact(render, messages, text, agp, memo: RenderMemo,
-           cache_key: Callable[[], bytes]) -> ChatLayout:
+def _exact(
+    render, messages, text, agp, memo: RenderMemo, cache_key: Callable[[], bytes]
+) -> ChatLayout:
     n = len(messages)
     starts = [0] * n
     h = xxhash.xxh3_128(b"P" + cache_key())
     for i in range(1, n + 1):
-        h.update(json.dumps(messages[i - 1], sort_keys=True, ensure_ascii=False,
-                            default=str).encode("utf-8", "surrogatepass"))
+        h.update(
+            json.dumps(messages[i - 1], sort_keys=True, ensure_ascii=False, default=str).encode(
+                "utf-8", "surrogatepass"
+            )
+        )
         if i == n and not agp:
             break
         key = h.digest()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
@@ -26,7 +26,7 @@ class ChatTemplateError(ValueError):
 class _GenerationTag(jinja2.ext.Extension):
     # transformers marks assistant spans with {% generation %}; a template using it would not
     # even compile without the tag. Only the body is rendered.
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
@@ -42,8 +42,9 @@ def _raise_exception(message):
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt):
@@ -58,7 +59,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     attribute name, and they cost more than the rest of a namespace lookup.
     """
 
-    _verdicts: dict[tuple[type, str], bool] = {}
+    _verdicts: ClassVar[dict[tuple[type, str], bool]] = {}
 
     def is_safe_attribute(self, obj, attr, value):
         key = (type(obj), attr)
@@ -85,6 +86,7 @@ _ENV = _environment()
 
 def _iterates_content(source: str) -> bool:
     """True if the template loops over message['content'] (wants OpenAI content parts)."""
+
     def is_content(node) -> bool:
         while isinstance(node, (jinja2.nodes.Filter, jinja2.nodes.Test)) or (
             isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Slice)
@@ -138,7 +140,9 @@ class ChatTemplate:
         """Which template applies, as transformers picks it."""
         if name is not None:
             if name not in self._compiled:
-                raise ChatTemplateError(f"no chat template named {name!r}; have {sorted(self._compiled)}")
+                raise ChatTemplateError(
+                    f"no chat template named {name!r}; have {sorted(self._compiled)}"
+                )
             return name
         if tools and "tool_use" in self._compiled:
             return "tool_use"
@@ -157,6 +161,19 @@ class ChatTemplate:
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
+_PARSED: dict[str, Any] = {}  # arguments string -> parsed object; resent every turn
+
+
+def _parse_arguments(text: str) -> Any:
+    v = _PARSED.get(text)
+    if v is None:
+        v = json.loads(text)
+        if len(_PARSED) >= 4096:
+            _PARSED.clear()
+        _PARSED[text] = v  # shared between calls: nothing mutates it (immutable sandbox)
+    return v
+
+
 def _normalize_tool_calls(calls: Any, index: int, parse_arguments: bool) -> list[dict]:
     if not isinstance(calls, list):
         raise ChatTemplateError(f"messages[{index}].tool_calls must be a list")
@@ -171,7 +188,7 @@ def _normalize_tool_calls(calls: Any, index: int, parse_arguments: bool) -> list
         if isinstance(fn, dict) and isinstance(fn.get("arguments"), str) and parse_arguments:
             # SGLang hands templates a dict (most templates `tojson` it); it rejects non-JSON.
             try:
-                args = json.loads(fn["arguments"])
+                args = _parse_arguments(fn["arguments"])
             except json.JSONDecodeError as e:
                 raise ChatTemplateError(
                     f"messages[{index}].tool_calls[{j}].function.arguments is not valid JSON: {e}"
@@ -200,8 +217,9 @@ def _text_of_parts(parts: list, index: int) -> str:
     return " ".join(texts)  # SGLang joins text parts with one space
 
 
-def normalize_messages(messages: Any, *, content_parts: bool = False,
-                       parse_arguments: bool = True) -> list[dict]:
+def normalize_messages(
+    messages: Any, *, content_parts: bool = False, parse_arguments: bool = True
+) -> list[dict]:
     """OpenAI chat messages -> what the template sees. Does not modify ``messages``.
 
     None-valued keys are dropped (transformers does) except content, which becomes "" (SGLang
@@ -219,7 +237,7 @@ def normalize_messages(messages: Any, *, content_parts: bool = False,
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise ChatTemplateError(f"messages[{i}].role must be a non-empty string")
-        msg = {k: v for k, v in m.items() if v is not None}
+        msg = {k: v for k, v in m.items() if v is not None} if None in m.values() else dict(m)
         content = m.get("content")
         if content is None:
             msg["content"] = ""
@@ -227,8 +245,9 @@ def normalize_messages(messages: Any, *, content_parts: bool = False,
             if not content_parts:
                 msg["content"] = _text_of_parts(content, i)
             else:
-                msg["content"] = [{"type": "text", "text": p} if isinstance(p, str) else dict(p)
-                                  for p in content]
+                msg["content"] = [
+                    {"type": "text", "text": p} if isinstance(p, str) else dict(p) for p in content
+                ]
         elif not isinstance(content, str):
             raise ChatTemplateError(f"messages[{i}].content must be a string, a list or null")
         if "tool_calls" in msg:

@@ -21,21 +21,52 @@ from .span_cache import SpanCache, SpanEncoding
 
 _EMPTY = np.zeros(0, np.int32)
 _PROBE_TEXTS = (
-    "Hello world", "  two  spaces ", "line one\n\nline two\n", "\t\ttabs\r\n", "x = 12345678 + 9",
-    "naïve café — 日本語のテキスト，中文。 😀👍🏽", "def f(a, b):\n    return a ** b  # note\n",
-    "<document index=\"1\">\n# Title\n---\n</document>", "   ", "\n", "a",
+    "Hello world",
+    "  two  spaces ",
+    "line one\n\nline two\n",
+    "\t\ttabs\r\n",
+    "x = 12345678 + 9",
+    "naïve café — 日本語のテキスト，中文。 😀👍🏽",
+    "def f(a, b):\n    return a ** b  # note\n",
+    '<document index="1">\n# Title\n---\n</document>',
+    "   ",
+    "\n",
+    "a",
 )
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 class Encoded:
     """An encoded text: IDs plus what is needed to map char offsets to token offsets."""
 
-    def __init__(self, encoder: PieceEncoder, text: str, pieces: list[Piece],
-                 entries: list[SpanEncoding | None], ids: np.ndarray, tok_starts: list[int]):
+    def __init__(
+        self,
+        encoder: PieceEncoder,
+        text: str,
+        pieces: list[Piece],
+        entries: list[SpanEncoding | None],
+        ids: np.ndarray,
+        tok_starts: list[int],
+        base: Encoded | None = None,
+        keep: int = 0,
+    ):
+        """``base``: an encoding whose first ``keep`` pieces (and their tokens) are ours."""
         self._enc = encoder
         self.text, self.pieces, self.entries, self.ids = text, pieces, entries, ids
-        self._chars = [p.start for p in pieces]
+        self._chars = (
+            base._chars[:keep] + [p.start for p in pieces[keep:]]
+            if base
+            else [p.start for p in pieces]
+        )
         self._toks = tok_starts
+        self._sections = self._find_sections(base, keep)
 
     def char_to_token(self, pos: int) -> int:
         """Index of the first token starting at or after char ``pos`` (a token that
@@ -54,11 +85,21 @@ class Encoded:
 
     def section_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """(char offsets, token offsets) of section starts in the whole text."""
+        return self._sections
+
+    def _find_sections(self, base: Encoded | None, keep: int):
         chars, toks = [], []
-        for p, e, t0 in zip(self.pieces, self.entries, self._toks):
+        if base is not None:  # the kept pieces' sections are base's before the kept end
+            end = self._chars[keep - 1] + len(self.pieces[keep - 1].text)
+            bc, bt = base._sections
+            m = bc < end
+            chars.append(bc[m])
+            toks.append(bt[m])
+        for k in range(keep, len(self.pieces)):
+            e = self.entries[k]
             if e is not None and len(e.section_chars):
-                chars.append(e.section_chars.astype(np.int64) + p.start)
-                toks.append(e.section_tokens.astype(np.int64) + t0)
+                chars.append(e.section_chars.astype(np.int64) + self._chars[k])
+                toks.append(e.section_tokens.astype(np.int64) + self._toks[k])
         if not chars:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return np.concatenate(chars), np.concatenate(toks)
@@ -96,8 +137,9 @@ class PieceEncoder:
     def _byte_lengths(self) -> np.ndarray | None:
         alphabet = set(pre_tokenizers.ByteLevel.alphabet())
         vocab = self._tok.get_vocab(with_added_tokens=False)
-        table = np.zeros(max(self._tok.get_vocab_size(True), max(vocab.values(), default=0) + 1),
-                         np.int64)
+        table = np.zeros(
+            max(self._tok.get_vocab_size(True), max(vocab.values(), default=0) + 1), np.int64
+        )
         added = set(self.splitter.ids.values())
         for token, tid in vocab.items():
             if tid in added:
@@ -108,14 +150,24 @@ class PieceEncoder:
         return table
 
     # --- encoding -------------------------------------------------------------------------
-    def _encode_new(self, texts: list[str]) -> list[SpanEncoding]:
-        byte_mode = self._byte_len is not None
-        if byte_mode and self._fast and len(texts) > 1:
-            encs = self._tok.encode_batch_fast(texts, add_special_tokens=False)
-        elif len(texts) > 1:
-            encs = self._tok.encode_batch(texts, add_special_tokens=False)
-        else:
-            encs = [self._tok.encode(texts[0], add_special_tokens=False)]
+    def _encode_new(self, texts: list[str], offsets: bool = False) -> list[SpanEncoding]:
+        """Encode pieces the cache does not have; ``offsets`` keeps char offsets even for a
+        byte-level vocabulary (whole-string mode: added tokens are inside the text)."""
+        byte_mode = self._byte_len is not None and not offsets
+        try:
+            if byte_mode and self._fast and len(texts) > 1:
+                encs = self._tok.encode_batch_fast(texts, add_special_tokens=False)
+            elif len(texts) > 1:
+                encs = self._tok.encode_batch(texts, add_special_tokens=False)
+            else:
+                encs = [self._tok.encode(texts[0], add_special_tokens=False)]
+        except TypeError as e:  # what tokenizers raises for a str it cannot take as UTF-8
+            bad = next((t for t in texts if not _is_utf8(t)), None)
+            if bad is None:
+                raise
+            raise ValueError(
+                f"text cannot be tokenized: it holds a lone UTF-16 surrogate (near {bad[:40]!r})"
+            ) from e
         out = []
         for text, enc in zip(texts, encs):
             ids = np.array(enc.ids, np.int32)
@@ -126,8 +178,10 @@ class PieceEncoder:
             entry = SpanEncoding(ids, _EMPTY, _EMPTY, starts)
             secs = [m.start() + 1 for m in SECTION_RE.finditer(text)]
             if secs:
-                entry = entry._replace(section_chars=np.array(secs, np.int32),
-                                       section_tokens=self.local_tokens(text, entry, secs))
+                entry = entry._replace(
+                    section_chars=np.array(secs, np.int32),
+                    section_tokens=self.local_tokens(text, entry, secs),
+                )
             out.append(entry)
         return out
 
@@ -148,11 +202,7 @@ class PieceEncoder:
         """Encode ``text``; with ``use_cache``, through the piece cache and recent prompts."""
         if not self.per_span:
             pieces = [Piece(0, text, NOT_ADDED)] if text else []
-            saved, self._byte_len = self._byte_len, None  # keep offsets: added tokens inside
-            try:
-                entries = self._encode_new([text]) if text else []
-            finally:
-                self._byte_len = saved
+            entries = self._encode_new([text], offsets=True) if text else []
             return self._assemble(text, pieces, entries)
         old, keep = None, 0
         if use_cache and not self.splitter.has_flagged:  # \s* of lstrip tokens: no margin
@@ -198,7 +248,9 @@ class PieceEncoder:
             k -= 1
         return k + 1
 
-    def _assemble(self, text, pieces, entries, old: Encoded | None = None, keep: int = 0) -> Encoded:
+    def _assemble(
+        self, text, pieces, entries, old: Encoded | None = None, keep: int = 0
+    ) -> Encoded:
         if old is not None:
             t = old._toks[keep - 1] + 1  # the kept prefix ends with an added token
             arrays, tok_starts = [old.ids[:t]], old._toks[:keep]
@@ -211,12 +263,14 @@ class PieceEncoder:
             arrays.append(a)
             t += len(a)
         ids = np.concatenate(arrays) if arrays else _EMPTY
-        return Encoded(self, text, pieces, entries, ids, tok_starts)
+        return Encoded(self, text, pieces, entries, ids, tok_starts, old, keep)
 
     # --- self-check -----------------------------------------------------------------------
     def probes(self, added_tokens: list[dict], max_tokens: int = 24) -> list[str]:
         """Strings where piece-wise encoding could differ from whole-string encoding."""
-        flagged = [t for t in added_tokens if t.get("lstrip") or t.get("rstrip") or t.get("single_word")]
+        flagged = [
+            t for t in added_tokens if t.get("lstrip") or t.get("rstrip") or t.get("single_word")
+        ]
         plain = [t for t in added_tokens if t not in flagged]
         step = max(1, len(plain) // max_tokens)
         chosen = [t["content"] for t in flagged + plain[::step]]
@@ -238,7 +292,9 @@ class PieceEncoder:
             for text in self.probes(added_tokens):
                 for p in self.splitter.split(text):
                     ids = self._tok.encode(p.text, add_special_tokens=False).ids
-                    if p.token_id == NOT_ADDED and int(self._byte_len[ids].sum()) != len(p.text.encode()):
+                    if p.token_id == NOT_ADDED and int(self._byte_len[ids].sum()) != len(
+                        p.text.encode()
+                    ):
                         self._byte_len = None  # e.g. add_prefix_space: keep offsets instead
                         break
                 if self._byte_len is None:

@@ -14,6 +14,7 @@ import xxhash
 
 HEAD = 512  # prompts are grouped by a digest of their first HEAD chars
 PER_HEAD = 4  # sessions sharing a system prompt share a head; keep a few of each
+TAIL = 4096  # a candidate sharing all but this many chars is taken without trying others
 
 
 def _head(text: str) -> bytes:
@@ -26,7 +27,7 @@ def common_prefix(a: str, b: str) -> int:
     if a[:n] == b[:n]:
         return n
     lo, step = 0, 4096
-    while lo + step <= n and a[lo:lo + step] == b[lo:lo + step]:
+    while lo + step <= n and a[lo : lo + step] == b[lo : lo + step]:
         lo += step
     hi = min(lo + step, n)  # a[:lo] == b[:lo]; a[:hi] != b[:hi]
     while hi - lo > 1:
@@ -54,10 +55,13 @@ class RecentPrompts:
         with self._lock:
             cands = list(self._d.get(_head(text), ()))
         best = None
-        for enc in cands:
-            n = common_prefix(enc.text, text)
+        for enc in cands:  # most recent first
+            # an agent's next prompt usually extends its last one: a copy-free check first
+            n = len(enc.text) if text.startswith(enc.text) else common_prefix(enc.text, text)
             if best is None or n > best[1]:
                 best = (enc, n)
+            if n >= min(len(enc.text), len(text) - TAIL):
+                break  # all of it, or all but a tail that re-splits in microseconds
         return best
 
     def add(self, enc) -> None:

@@ -20,12 +20,16 @@ except ImportError:  # tokenizers < 0.21
 class StreamDecoder:
     """Feed token IDs with ``step``; each call returns the new text (possibly "")."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
-                 use_rust: bool = True):
+    def __init__(
+        self, tokenizer: Tokenizer, skip_special_tokens: bool = True, use_rust: bool = True
+    ):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._rust = DecodeStream(skip_special_tokens=skip_special_tokens) \
-            if use_rust and DecodeStream is not None else None
+        self._rust = (
+            DecodeStream(skip_special_tokens=skip_special_tokens)
+            if use_rust and DecodeStream is not None
+            else None
+        )
         self._ids: list[int] = []
         self._prefix = 0  # window start: decoding starts here so leading-space rules hold
         self._read = 0  # IDs before this index have been emitted
@@ -39,10 +43,12 @@ class StreamDecoder:
         if self._rust is not None:
             return self._rust.step(self._tok, token_id) or ""
         self._ids.append(token_id)
-        done = self._tok.decode(self._ids[self._prefix:self._read], skip_special_tokens=self._skip)
-        full = self._tok.decode(self._ids[self._prefix:], skip_special_tokens=self._skip)
+        done = self._tok.decode(
+            self._ids[self._prefix : self._read], skip_special_tokens=self._skip
+        )
+        full = self._tok.decode(self._ids[self._prefix :], skip_special_tokens=self._skip)
         if len(full) > len(done) and not full.endswith("\ufffd"):
-            new = full[len(done):]
+            new = full[len(done) :]
             self._prefix, self._read = self._read, len(self._ids)
             return new
         return ""

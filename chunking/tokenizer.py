@@ -22,7 +22,7 @@ from .chat import ChatTemplate, ChatTemplateError, normalize_messages
 from .encoded import Encoded, PieceEncoder
 from .recent import RecentPrompts
 from .stream import StreamDecoder
-from .tokenizer_files import read_tokenizer_files
+from .tokenizer_files import prompt_specials, read_tokenizer_files
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ class TokenizerConfig:
         if min(self.cache_entries, self.cache_chars, self.recent_prompts) < 0:
             raise ValueError("cache_entries, cache_chars and recent_prompts must be >= 0")
         if self.final_assistant not in ("keep", "as_user"):
-            raise ValueError(f"final_assistant must be 'keep' or 'as_user', got {self.final_assistant!r}")
+            raise ValueError(
+                f"final_assistant must be 'keep' or 'as_user', got {self.final_assistant!r}"
+            )
 
 
 class Prompt(NamedTuple):
@@ -60,9 +62,18 @@ _RESERVED = ("messages", "tools", "documents", "add_generation_prompt")
 class ModelTokenizer:
     """Use :meth:`from_dir`. Methods are safe to call from several threads."""
 
-    def __init__(self, tokenizer: Tokenizer, *, name: str, added_tokens: list[dict],
-                 config: dict, special_vars: dict[str, str], chat_template: ChatTemplate | None,
-                 generation_eos: tuple[int, ...] = (), options: TokenizerConfig = TokenizerConfig()):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        name: str,
+        added_tokens: list[dict],
+        config: dict,
+        special_vars: dict[str, str],
+        chat_template: ChatTemplate | None,
+        generation_eos: tuple[int, ...] = (),
+        options: TokenizerConfig = TokenizerConfig(),
+    ):
         self.name = name
         self.options = options
         self.chat_template = chat_template
@@ -73,12 +84,14 @@ class ModelTokenizer:
         bos = special_vars.get("bos_token")
         self.bos_token_id: int | None = tid(bos) if bos else None
         eos = [tid(special_vars["eos_token"])] if special_vars.get("eos_token") else []
-        self.eos_token_ids = tuple(dict.fromkeys(i for i in [*eos, *generation_eos] if i is not None))
+        self.eos_token_ids = tuple(
+            dict.fromkeys(i for i in [*eos, *generation_eos] if i is not None)
+        )
         self.special_ids = frozenset(
             [t["id"] for t in added_tokens if t.get("special")]
             + [i for i in (self.bos_token_id, *self.eos_token_ids) if i is not None]
         )
-        self._prompt_prefix, self._prompt_suffix = self._prompt_specials(config)
+        self._prompt_prefix, self._prompt_suffix = prompt_specials(tokenizer, config, special_vars)
         self._pieces = PieceEncoder(tokenizer, AddedTokenSplitter(added_tokens), options)
         self._books: dict[str, HeaderBook] = {}
         self._memo = RenderMemo()
@@ -90,29 +103,26 @@ class ModelTokenizer:
             self._pieces.per_span = self.per_span
 
     @classmethod
-    def from_dir(cls, path: str | Path, *, options: TokenizerConfig = TokenizerConfig(),
-                 chat_template: str | None = None) -> ModelTokenizer:
+    def from_dir(
+        cls,
+        path: str | Path,
+        *,
+        options: TokenizerConfig = TokenizerConfig(),
+        chat_template: str | None = None,
+    ) -> ModelTokenizer:
         """Load ``path``/tokenizer.json and tokenizer_config.json (chat_template.jinja and
         generation_config.json too when present). ``chat_template`` overrides the model's."""
         f = read_tokenizer_files(path, chat_template)
-        return cls(f.tokenizer, name=Path(path).name, added_tokens=f.added_tokens, config=f.config,
-                   special_vars=f.special_vars, chat_template=f.chat_template,
-                   generation_eos=f.generation_eos, options=options)
-
-    def _prompt_specials(self, config: dict) -> tuple[list[int], list[int]]:
-        # What encode(text) adds, as transformers does it: an explicit add_bos_token /
-        # add_eos_token rebuilds the post-processor; otherwise tokenizer.json's one applies.
-        if "add_bos_token" in config or "add_eos_token" in config:
-            eos = self._tok.token_to_id(self._vars.get("eos_token", "")) if self._vars.get("eos_token") else None
-            pre = [self.bos_token_id] if config.get("add_bos_token") and self.bos_token_id is not None else []
-            post = [eos] if config.get("add_eos_token") and eos is not None else []
-            return pre, post
-        plain = self._tok.encode("a", add_special_tokens=False).ids
-        full = self._tok.encode("a", add_special_tokens=True).ids
-        for k in range(len(full) - len(plain) + 1):
-            if full[k:k + len(plain)] == plain:
-                return full[:k], full[k + len(plain):]
-        return [], []
+        return cls(
+            f.tokenizer,
+            name=Path(path).name,
+            added_tokens=f.added_tokens,
+            config=f.config,
+            special_vars=f.special_vars,
+            chat_template=f.chat_template,
+            generation_eos=f.generation_eos,
+            options=options,
+        )
 
     def clear_cache(self) -> None:
         """Forget cached pieces, learned template headers and prefix lengths."""
@@ -133,8 +143,9 @@ class ModelTokenizer:
         return self._pieces.encode(_check_text(text)).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(np.asarray(ids, dtype=np.int64).tolist(),
-                                skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(
+            np.asarray(ids, dtype=np.int64).tolist(), skip_special_tokens=skip_special_tokens
+        )
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self._tok, skip_special_tokens)
@@ -151,27 +162,38 @@ class ModelTokenizer:
         anchors = set(enc.added_run_starts())
         anchors.update(int(t) for t in enc.section_tokens()[1])
         n = len(ids)
-        return Prompt(ids, tuple(sorted(a + len(pre) for a in anchors if 0 < a + len(pre) < n)), (), text)
+        return Prompt(
+            ids, tuple(sorted(a + len(pre) for a in anchors if 0 < a + len(pre) < n)), (), text
+        )
 
     # --- chat -------------------------------------------------------------------------
-    def _chat(self, messages, tools, add_generation_prompt, continue_final_message, template, kwargs):
+    def _chat(
+        self, messages, tools, add_generation_prompt, continue_final_message, template, kwargs
+    ):
         if self.chat_template is None:
             raise ChatTemplateError(f"{self.name}: the tokenizer has no chat template")
         for k in _RESERVED:
             if k in kwargs:
                 raise ChatTemplateError(f"{k!r} cannot be passed as a chat template variable")
-        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        if tools is not None and not (
+            isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+        ):
             raise ChatTemplateError("tools must be a list of objects")
         name = self.chat_template.select(tools, template)
-        msgs = normalize_messages(messages, content_parts=self.chat_template.content_parts[name],
-                                  parse_arguments=self.options.parse_tool_arguments)
+        msgs = normalize_messages(
+            messages,
+            content_parts=self.chat_template.content_parts[name],
+            parse_arguments=self.options.parse_tool_arguments,
+        )
         prefix = ""
         last = msgs[-1]
         if last["role"] == "assistant" and isinstance(last.get("content"), str):
             if continue_final_message:  # SGLang: render without it, then append its text
                 msgs, prefix, add_generation_prompt = msgs[:-1], last["content"], True
                 if not msgs:
-                    raise ChatTemplateError("continue_final_message needs a message before the final one")
+                    raise ChatTemplateError(
+                        "continue_final_message needs a message before the final one"
+                    )
             elif self.options.final_assistant == "as_user":
                 msgs[-1] = {"role": "user", "content": last["content"]}
         variables = {**self._vars, **kwargs, "tools": tools, "documents": None}
@@ -182,7 +204,7 @@ class ModelTokenizer:
             if not tools:
                 raise
             # SGLang retries with bare function schemas (some templates want no wrapper).
-            variables["tools"] = [t["function"] if "function" in t else t for t in tools]
+            variables["tools"] = [t.get("function", t) for t in tools]
             render = self._renderer(name, variables)
             text = render(msgs, add_generation_prompt)
         return name, msgs, variables, render, text, prefix, add_generation_prompt
@@ -192,26 +214,43 @@ class ModelTokenizer:
 
         def render(msgs, gen: bool) -> str:
             return template.render(name, msgs, {**variables, "add_generation_prompt": gen})
+
         return render
 
-    def apply_chat_template(self, messages, *, tools=None, add_generation_prompt: bool = True,
-                            continue_final_message: bool = False, template: str | None = None,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(
+        self,
+        messages,
+        *,
+        tools=None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template: str | None = None,
+        **kwargs: Any,
+    ) -> str:
         """The prompt text the model's template renders for OpenAI-style ``messages``."""
-        *_, text, prefix, _ = self._chat(messages, tools, add_generation_prompt,
-                                         continue_final_message, template, kwargs)
+        *_, text, prefix, _ = self._chat(
+            messages, tools, add_generation_prompt, continue_final_message, template, kwargs
+        )
         return text + prefix
 
-    def encode_chat(self, messages, *, tools=None, add_generation_prompt: bool = True,
-                    continue_final_message: bool = False, template: str | None = None,
-                    **kwargs: Any) -> Prompt:
+    def encode_chat(
+        self,
+        messages,
+        *,
+        tools=None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template: str | None = None,
+        **kwargs: Any,
+    ) -> Prompt:
         """Render and tokenize a chat as SGLang does (no BOS added beyond the template's).
 
         Anchors: every message start, the generation prompt, and section starts inside
         message contents. ``kwargs`` are extra template variables (chat_template_kwargs).
         """
         name, msgs, variables, render, text, prefix, agp = self._chat(
-            messages, tools, add_generation_prompt, continue_final_message, template, kwargs)
+            messages, tools, add_generation_prompt, continue_final_message, template, kwargs
+        )
         enc = self._pieces.encode(text)
         book = self._books.setdefault(name, HeaderBook())
 
@@ -221,6 +260,7 @@ class ModelTokenizer:
             if not key:
                 key.append(xxhash.xxh3_128_digest(repr((name, variables)).encode()))
             return key[0]
+
         lay = chat_layout(render, msgs, text, agp, book, self._memo, cache_key)
         ids, full_text = enc.ids, text
         if prefix:  # tokenized apart, as SGLang appends it
@@ -251,4 +291,4 @@ def _check_text(text) -> str:
     return text
 
 
-__all__ = ["ModelTokenizer", "Prompt", "TokenizerConfig", "Encoded", "SECTION_RE"]
+__all__ = ["SECTION_RE", "Encoded", "ModelTokenizer", "Prompt", "TokenizerConfig"]

@@ -19,8 +19,9 @@ Triton kernel is checked against.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -186,6 +187,8 @@ def delta_rotate(
         raise ValueError(f"last dim {k_pe.shape[-1]} != rope dim {spec.dim}")
     if src_positions.shape != dst_positions.shape or src_positions.numel() != k_pe.shape[-2]:
         raise ValueError("need one source and one destination position per token")
+    src_positions = src_positions.to(k_pe.device)
+    dst_positions = dst_positions.to(k_pe.device)
     d = angles(dst_positions, spec).double() - angles(src_positions, spec).double()
     cos, sin = d.cos().float(), d.sin().float()
     x1, x2 = _pairs(k_pe.float(), spec.output_layout)
@@ -193,26 +196,38 @@ def delta_rotate(
     return out.to(k_pe.dtype)
 
 
-def materialize(
-    dst_ckv: torch.Tensor,
-    dst_kpe: torch.Tensor,
-    dst_slots: torch.Tensor,
-    src_ckv: torch.Tensor,
-    src_kpe: torch.Tensor,
-    src_positions: torch.Tensor,
-    dst_positions: torch.Tensor,
-    spec: RopeSpec,
-) -> None:
-    """Place cached tokens: dst_ckv[:, slots] = src_ckv; dst_kpe[:, slots] = δ-rotated src_kpe.
+class Segment(NamedTuple):
+    """A run of stored tokens to place: latents [L, T, rank] / k_pe [L, T, dim] computed at
+    positions src_position.., going to slots dst_slot.. at positions dst_position.."""
 
-    dst_* are [L, S, rank] / [L, S, dim] buffers (changed in place), src_* are [L, T, ...]
-    as stored, dst_slots/positions/src_positions are [T] int tensors. The one call a fused
-    gather-rotate-scatter kernel replaces.
+    c_kv: torch.Tensor
+    k_pe: torch.Tensor
+    src_position: int
+    dst_position: int
+    dst_slot: int
+
+
+def materialize(
+    dst_ckv: torch.Tensor, dst_kpe: torch.Tensor, segments: Sequence[Segment], spec: RopeSpec
+) -> None:
+    """Place cached tokens: for every segment, dst_ckv[:, slots] = c_kv (copied as is) and
+    dst_kpe[:, slots] = k_pe δ-rotated from its source to its destination positions.
+
+    dst_* are [L, S, rank] / [L, S, dim] buffers, changed in place. All segments' k_pe are
+    rotated in one batch. The one call a fused gather-rotate-scatter kernel replaces.
     """
-    slots = dst_slots.to(device=dst_ckv.device, dtype=torch.long)
-    dst_ckv.index_copy_(1, slots, src_ckv.to(device=dst_ckv.device, dtype=dst_ckv.dtype))
-    if torch.equal(src_positions.cpu(), dst_positions.cpu()):
-        rotated = src_kpe
-    else:
-        rotated = delta_rotate(src_kpe, src_positions, dst_positions, spec)
-    dst_kpe.index_copy_(1, slots, rotated.to(device=dst_kpe.device, dtype=dst_kpe.dtype))
+    if not segments:
+        return
+    dev = dst_kpe.device
+    for s in segments:
+        dst_ckv[:, s.dst_slot : s.dst_slot + s.c_kv.shape[1]] = s.c_kv
+    lengths = [s.k_pe.shape[1] for s in segments]
+    src = torch.cat([torch.arange(s.src_position, s.src_position + n)
+                     for s, n in zip(segments, lengths)])
+    dst = torch.cat([torch.arange(s.dst_position, s.dst_position + n)
+                     for s, n in zip(segments, lengths)])
+    slots = torch.cat([torch.arange(s.dst_slot, s.dst_slot + n)
+                       for s, n in zip(segments, lengths)])
+    k_pe = torch.cat([s.k_pe.to(dev) for s in segments], dim=1)
+    rotated = delta_rotate(k_pe, src, dst, spec)
+    dst_kpe.index_copy_(1, slots.to(dev), rotated.to(dst_kpe.dtype))

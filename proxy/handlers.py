@@ -103,12 +103,23 @@ async def _serve(request: web.Request, st: ProxyState, api: str, ex: Exchange):
     ex.model = shapes.model_of(body, info.model)
     if st.recorder is not None:
         st.recorder.record(ex.endpoint, ex.session, body)
+    native = (api in ("chat", "completions", "generate")
+              or (api == "messages" and info.has_messages)
+              or (api == "responses" and info.has_responses))
     try:
         shapes.check(api, body)
         fwd = _rewrite(st, api, body, info.mode == "stock")
-        chat = shapes.translate(api, fwd)
     except TranslationError as e:
         raise fail(api, ex, e.status, e.message, e.param) from None
+    try:
+        chat = shapes.translate(api, fwd)
+    except TranslationError as e:
+        if not native:
+            raise fail(api, ex, e.status, e.message, e.param) from None
+        # the engine serves this API itself and may take what the translation cannot
+        # (previous_response_id, say): forward it as is, unanalysed
+        log.info("%s: not analysed (%s); forwarded as is", ex.endpoint, e.message)
+        chat = None
     source = shapes.prompt_source(api, fwd, chat)
     irminsul = info.mode == "irminsul"
     annotation = None
@@ -128,9 +139,6 @@ async def _serve(request: web.Request, st: ProxyState, api: str, ex: Exchange):
                                                         namespace=namespace)
     elif st.config.log_prompts:
         ex.prompt = shapes.prompt_for_log(api, fwd, chat)
-    native = (api in ("chat", "completions", "generate")
-              or (api == "messages" and info.has_messages)
-              or (api == "responses" and info.has_responses))
     try:
         if native:
             return await _native(request, st, api, ex, raw, body, fwd, annotation)

@@ -92,7 +92,10 @@ def translate(api: str, body: dict) -> ChatRequest | None:
 
 
 def prompt_source(api: str, body: dict, chat: ChatRequest | None) -> PromptSource | None:
-    """What to tokenize; None for what the proxy does not analyse (batched prompts)."""
+    """What to tokenize; None for what the proxy does not analyse (batched prompts, or an
+    Anthropic/Responses body that could not be translated)."""
+    if chat is None and api in ("messages", "responses"):
+        return None
     chat_body = chat.body if chat is not None else body
     sections = tuple(p for t in system_texts(body, api) for p in split_sections(t))
     if api in ("chat", "messages", "responses"):

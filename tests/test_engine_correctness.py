@@ -18,6 +18,7 @@ from transformers import DeepseekV2ForCausalLM
 
 from irminsul.chunking.config import ChunkerConfig
 from irminsul.engine_adapter.contract import Annotation, seq_hash
+from irminsul.engine_adapter.embedded import engine as engine_module
 from irminsul.engine_adapter.embedded.config import EngineConfig
 from irminsul.engine_adapter.embedded.engine import Engine, SamplingParams
 from irminsul.engine_adapter.embedded.store import KVEntry
@@ -81,6 +82,30 @@ def test_prefix_on_an_extended_prompt_equals_full(yarn_model, hf_models, prompts
     assert res.counts.exact_prefix_tokens == len(prompts["a"])
     assert res.counts.new_tokens == len(prompts["a_ext"]) - len(prompts["a"])
     assert_close(res.logits, hf_last_logits(hf_models, yarn_model, prompts["a_ext"]))
+
+
+def test_greedy_decode_matches_transformers(yarn_model, hf_models, prompts, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(engine_module, "_FIRST_OUTPUT_SLOTS", 2)  # the buffer must grow
+    eng = make_engine(yarn_model, policy="full")
+    ids = prompts["a"][:120]
+    got = [o.token_id for o in eng.generate(ids, SamplingParams(max_new_tokens=8,
+                                                                ignore_eos=True))]
+    seq, want = list(ids), []
+    for _ in range(8):  # the library's greedy loop, one full forward per token
+        want.append(int(hf_last_logits(hf_models, yarn_model, seq).argmax()))
+        seq.append(want[-1])
+    assert got == want
+
+
+def test_generated_tokens_become_exact_prefix(yarn_model, hf_models, prompts):  # noqa: F811
+    eng = make_engine(yarn_model, policy="prefix")
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    reply = [o.token_id for o in eng.generate(prompts["a"], params)]
+    follow = np.concatenate([prompts["a"], reply, eng.tokenizer.encode("\nAnd then?\n")])
+    res = eng.prefill(follow.astype(np.int32))
+    # The prompt and the 5 output tokens fed back through the model (not the last one).
+    assert res.counts.exact_prefix_tokens == len(prompts["a"]) + 5
+    assert_close(res.logits, hf_last_logits(hf_models, yarn_model, follow))
 
 
 @pytest.mark.parametrize("fixture", ["yarn_model", "plain_model"])

@@ -34,7 +34,10 @@ from irminsul.engine_adapter.contract import (
 from irminsul.engine_adapter.embedded.command import ByteSize, serve_command, start_embedded
 from irminsul.engine_adapter.embedded.config import POLICIES, EngineConfig
 from irminsul.engine_adapter.embedded.engine import Engine
-from irminsul.engine_adapter.embedded.server import create_engine_app
+from irminsul.engine_adapter.embedded.proxy_upstream import embedded_upstream_ctx
+from irminsul.engine_adapter.embedded.server import ENGINE_SERVER, create_engine_app
+from irminsul.proxy.app import create_app
+from irminsul.proxy.config import ProxyConfig
 from irminsul.proxy.sse import SSEParser
 
 MAX_SEQ = 2048
@@ -112,7 +115,8 @@ async def test_generate_text_is_greedy_deterministic_and_matches_input_ids(http,
     assert meta["e2e_latency"] > 0
 
     await flush(http)
-    _, by_ids = await post(http, "/generate", {"input_ids": ids.tolist(), "sampling_params": GREEDY})
+    _, by_ids = await post(http, "/generate",
+                           {"input_ids": ids.tolist(), "sampling_params": GREEDY})
     assert by_ids["output_ids"] == first["output_ids"]
     assert by_ids["text"] == first["text"]
 
@@ -164,7 +168,8 @@ async def test_content_moved_behind_a_new_header_is_reused(http):
     await flush(http)
     first_body = {"text": "# run 1\n" + DOC, "sampling_params": {**GREEDY, "max_new_tokens": 1}}
     _, first = await post(http, "/generate", first_body)
-    first_counts = assert_counts(first["meta_info"]["irminsul"], first["meta_info"]["prompt_tokens"])
+    meta = first["meta_info"]
+    first_counts = assert_counts(meta["irminsul"], meta["prompt_tokens"])
     assert first_counts.reused_tokens == 0
 
     second_body = {"text": "# a different, longer header for run 2\n" + DOC,
@@ -205,6 +210,19 @@ async def test_annotation_is_used_when_it_matches_and_ignored_when_not(http, eng
         assert (used, ignored) == ((0, 1) if name == "wrong" else (1, 0)), name
         outputs[name] = out["text"]
     assert outputs == dict.fromkeys(outputs, plain["text"])  # correct output either way
+
+
+async def test_policy_comes_from_the_annotation_unless_the_request_names_one(http, engine):
+    ids = engine.tokenizer.encode_prompt("hello there").ids
+    ann = Annotation(len(ids), seq_hash(ids), (), policy="prefix").to_json()
+    body = {"text": "hello there", "sampling_params": {**GREEDY, "max_new_tokens": 1}}
+    _, out = await post(http, "/generate", {**body, ANNOTATION_KEY: ann})
+    assert out["meta_info"]["irminsul"]["policy"] == "prefix"
+    _, out = await post(http, "/generate", {**body, ANNOTATION_KEY: ann,
+                                            "irminsul_policy": "full"})
+    assert out["meta_info"]["irminsul"]["policy"] == "full"
+    _, out = await post(http, "/generate", body)
+    assert out["meta_info"]["irminsul"]["policy"] == engine.config.policy
 
 
 @pytest.mark.parametrize("bad", [{"wire_version": 99}, {"wire_version": 1, "chunks": "x"},
@@ -353,6 +371,10 @@ async def test_concurrent_requests_queue_and_all_finish(http):
      "wizard"),
     ("/v1/chat/completions", {"model": "m", "logprobs": True,
                               "messages": [{"role": "user", "content": "a"}]}, "logprobs"),
+    ("/v1/chat/completions", {"model": "m", "regex": "[ab]+",
+                              "messages": [{"role": "user", "content": "a"}]}, "regex"),
+    ("/v1/chat/completions", {"model": "m", "response_format": {"type": "json_object"},
+                              "messages": [{"role": "user", "content": "a"}]}, "json_object"),
     ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}, "one prompt"),
     ("/v1/responses", {"model": "m", "input": "a", "previous_response_id": "r"},
      "previous_response_id"),
@@ -431,3 +453,68 @@ def test_byte_sizes():
     size = ByteSize()
     assert [size.convert(v, None, None) for v in ("1024", "512M", "8G", "8GiB", "2k")] == [
         1024, 512 << 20, 8 << 30, 8 << 30, 2048]
+
+
+# ---- failures -----------------------------------------------------------------------------
+
+
+class FailingEngine:
+    """The real engine, except that generation raises after its first token (a fault double:
+    the server must answer 500 / an error event and keep serving)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.fail = True
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, ids, params, **kw):
+        outputs = self._engine.generate(ids, params, **kw)
+        for i, out in enumerate(outputs):
+            if self.fail and i == 1:
+                outputs.close()
+                raise RuntimeError("simulated device fault")
+            yield out
+
+
+async def test_engine_failure_is_a_500_and_the_worker_lives_on(aiohttp_server, engine):
+    failing = FailingEngine(engine)
+    app = create_engine_app(failing)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as http:
+        status, out = await post(http, "/generate", {"text": "hi", "sampling_params": GREEDY})
+        assert status == 500 and "simulated device fault" in out["error"]["message"]
+        data = await events(http, "/v1/chat/completions", {
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "stream": True})
+        assert data[-1] == "[DONE]"
+        assert "simulated device fault" in json.loads(data[-2])["error"]["message"]
+        status, out = await post(http, "/v1/messages", {
+            "model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 500 and out["type"] == "error"
+        failing.fail = False
+        status, out = await post(http, "/generate", {"text": "hi", "sampling_params": GREEDY})
+        assert status == 200 and len(out["output_ids"]) == 8
+        await app[ENGINE_SERVER].worker.stop()
+        async with http.get("/health") as resp:
+            assert resp.status == 503
+        status, out = await post(http, "/generate", {"text": "hi"})
+        assert status == 503 and "not running" in out["error"]["message"]
+
+
+async def test_proxy_embedded_mode_forwards_to_the_engine(
+        aiohttp_server, yarn_model, tmp_path):  # noqa: F811
+    config = ProxyConfig(model_dir=str(yarn_model), db=str(tmp_path / "savings.db"))
+    engine_config = EngineConfig(model_dir=str(yarn_model), device="cpu")
+    app = create_app(config, upstream_ctx=embedded_upstream_ctx(config,
+                                                                engine_config=engine_config))
+    proxy = await aiohttp_server(app)
+    async with aiohttp.ClientSession(base_url=str(proxy.make_url(""))) as http:
+        body = {"model": "m", "messages": [{"role": "user", "content": DOC[:300]}],
+                "max_tokens": 3, "temperature": 0}
+        for _ in range(2):
+            status, out = await post(http, "/v1/chat/completions", body)
+            assert status == 200, out
+        counts = assert_counts(out["usage"]["irminsul"], out["usage"]["prompt_tokens"])
+        assert counts.exact_prefix_tokens > 0  # the engine behind the proxy kept the first

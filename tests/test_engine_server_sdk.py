@@ -211,7 +211,8 @@ ANSWER = 'Let me check.<|tool_call|>{"name": "get_weather", "arguments": {"city"
 
 @pytest.fixture
 async def scripted(aiohttp_server, engine):
-    c = await start(aiohttp_server, ScriptedEngine(engine, engine.tokenizer.encode(ANSWER).tolist()))
+    script = engine.tokenizer.encode(ANSWER).tolist()
+    c = await start(aiohttp_server, ScriptedEngine(engine, script))
     yield c
     await c.openai.close()
     await c.anthropic.close()

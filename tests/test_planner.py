@@ -123,8 +123,9 @@ def test_policy_args_validation():
     d = PolicyArgs(k=16, r=0.1)
     assert policy_args("pic", {"k": 4}, d) == PolicyArgs(4, 0.1)
     assert policy_args("blend", None, d) == d
+    assert policy_args("blend", {"k": 4, "r": 0.5}, d) == PolicyArgs(4, 0.5)
     for policy, args, match in [("pic", {"k": -1}, "k must"), ("blend", {"r": 2}, "r must"),
-                                ("pic", {"r": 0.5}, "takes no"), ("warp", {}, "unknown policy"),
-                                ("full", {"k": 1}, "takes no")]:
+                                ("pic", {"k": 1.5}, "k must"), ("warp", {}, "unknown policy"),
+                                ("full", {"depth": 1}, "unknown policy argument")]:
         with pytest.raises(ValueError, match=match):
             policy_args(policy, args, d)

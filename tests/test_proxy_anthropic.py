@@ -146,9 +146,12 @@ async def test_responses_relayed_to_an_upstream_that_serves_them(aiohttp_server,
         stack.fake.knobs.reply)
     usage = events[-1].response.usage
     assert usage.input_tokens_details.cached_tokens == usage.input_tokens - 1
+    # what the translation refuses (server-side state) is the engine's to decide here
+    chained = await client.responses.create(model="m", input="And?", previous_response_id="r1")
+    assert chained.output_text and stack.fake.received[-1].body["previous_response_id"] == "r1"
     await stack.close()
     rows = read_rows(db)
     assert [(r["status"], r["stream"], r["completion_tokens"]) for r in rows] == [
-        (200, 0, 3), (200, 1, 9)]
+        (200, 0, 3), (200, 1, 9), (200, 0, 9)]
     assert rows[1]["exact_prefix_tokens"] == rows[1]["prompt_tokens"] - 1
     assert rows[1]["ttft_ms"] > 0

@@ -8,9 +8,10 @@ import anthropic
 import openai
 import pytest
 from support.fake_sglang import FAKE_FINGERPRINT, FakeSGLang
-from support.proxy_harness import read_rows, start_stack, tiny_tokenizer
+from support.proxy_harness import TINY_MODEL, read_rows, start_stack, tiny_tokenizer
 
 from irminsul.chunking.config import ChunkerConfig
+from irminsul.chunking.fingerprint import model_fingerprint
 from irminsul.engine_adapter.contract import SGLANG_HINT_KEY, Annotation, ReuseCounts
 from irminsul.proxy.identity import tenant_hash
 
@@ -101,7 +102,9 @@ async def test_generate_gets_kv_hints_and_anthropic_gets_savings(aiohttp_server,
 async def test_stock_mode_rows_explain_misses_and_potential_reuse(aiohttp_server, tmp_path, tok):
     db = tmp_path / "s.db"
     stack = await start_stack(aiohttp_server, fake=FakeSGLang(tokenizer=tok), tokenizer=tok,
-                              db=str(db), chunker=CHUNKER, log_prompts=True)
+                              db=str(db), chunker=CHUNKER, log_prompts=True,
+                              model_dir=str(TINY_MODEL))
+    assert stack.state.pipeline.model_fingerprint == model_fingerprint(TINY_MODEL)
     client = openai.AsyncOpenAI(base_url=stack.base + "/v1", api_key="sk-a", max_retries=0)
     for header in ("Current time: 09:00", "Current time: 09:05"):
         await client.chat.completions.create(model="m", messages=conversation(header),
@@ -119,6 +122,8 @@ async def test_stock_mode_rows_explain_misses_and_potential_reuse(aiohttp_server
                                                       - second["exact_prefix_tokens"])
     assert second["prompt"] == tok.encode_chat(conversation("Current time: 09:05")).text
     assert third["tenant"] == tenant_hash("sk-b") and third["potential_reuse_tokens"] > 0
+    # FLOPs saved by the exact prefix, from the model's config.json
+    assert first["flops_saved"] == 0 < second["flops_saved"] and second["energy_saved_j"] > 0
 
 
 @pytest.mark.parametrize("isolate", [True, False])

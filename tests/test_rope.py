@@ -14,7 +14,7 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as v3
 
 from irminsul.engine_adapter.embedded.model_runner import ModelRunner
 from irminsul.engine_adapter.embedded.presets import PRESETS, YARN_ROPE, preset_config
-from irminsul.kernels.rope import RopeSpec, apply_rope, delta_rotate, materialize
+from irminsul.kernels.rope import RopeSpec, Segment, apply_rope, delta_rotate, materialize
 
 MAX_POS = 163840  # max_position_embeddings of the presets (YaRN factor 40 x 4096)
 ROPE_PRESETS = ("tiny-mla", "tiny-mla-plain")
@@ -145,8 +145,8 @@ def test_layer0_reuse_matches_fresh_prefill(request, fixture, dtype):
         c1, k1 = _layer0_latents(runner, ids, dst)
         buf_c = torch.zeros(1, 64, runner.rank, dtype=runner.dtype)
         buf_k = torch.zeros(1, 64, runner.rope_dim, dtype=runner.dtype)
-        slots = torch.arange(8, 56)
-        materialize(buf_c, buf_k, slots, c0[None], k0[None], src, dst, runner.spec)
+        materialize(buf_c, buf_k, [Segment(c0[None], k0[None], start, new_start, 8)],
+                    runner.spec)
         assert torch.equal(buf_c[0, 8:56], c1)  # c_KV is position-free: bit-identical
         err = (buf_k[0, 8:56].float() - k1.float()).abs()
         if runner.dtype == torch.float32:

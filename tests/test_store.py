@@ -148,3 +148,14 @@ def test_shared_entry_is_counted_once_and_cleared():
     st = store.stats()
     assert st.bytes == 0 and st.entries == 0 and st.prefix_nodes == 0
     assert store.lookup(key(ids), ids) is None
+
+
+def test_prefix_walk_descends_edges_that_do_not_align_with_chunks():
+    store = ChunkStore(100 * SIZE)
+    ids = np.arange(200, 208, dtype=np.int32)
+    path = [(key(ids[s:e]), entry(ids[s:e], s)) for s, e in [(0, 4), (4, 8)]]
+    store.insert_prefix("", path)
+    request = np.concatenate([ids, [1, 2, 3]]).astype(np.int32)
+    # The request is chunked differently: no chunk key equals an edge key.
+    m = store.match_prefix("", request, refs(request, [(0, 6), (6, 11)]))
+    assert m.length == 8 and [n for _, n in m.parts] == [4, 4]

@@ -2,6 +2,7 @@
 DeepSeek's real 129K one), the self-check fallback, prompt specials, decoding, the cache."""
 
 import json
+import platform
 import random
 import shutil
 import subprocess
@@ -30,8 +31,18 @@ from irminsul.chunking.tokenizer import ModelTokenizer, TokenizerConfig
 
 ROOT = Path(irminsul.__file__).parent
 TINY = ROOT / "examples" / "models" / "tiny-mla"
-SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>",
-            "<|end|>", "<|tool_call|>", "<|/tool_call|>")
+SPECIALS = (
+    "<|bos|>",
+    "<|eos|>",
+    "<|pad|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|tool|>",
+    "<|end|>",
+    "<|tool_call|>",
+    "<|/tool_call|>",
+)
 
 
 def deepseek_dir() -> Path:
@@ -87,13 +98,17 @@ def test_shipped_tiny_tokenizer(tiny):
 
 
 def test_make_tokenizer_reproduces_the_shipped_files(tmp_path):
+    # The corpus is this Python's stdlib, so only the same Python version can reproduce it.
     cfg = json.loads((TINY / "tokenizer_config.json").read_text())
-    import platform
-    if cfg["irminsul_corpus"]["python"].rsplit(".", 1)[0] != platform.python_version().rsplit(".", 1)[0]:
-        pytest.skip("the corpus is this Python's stdlib: another minor version trains other merges")
+    if cfg["irminsul_corpus"]["python"] != platform.python_version():
+        pytest.skip(f"shipped files were trained on python {cfg['irminsul_corpus']['python']}")
     script = ROOT / "examples" / "models" / "make_tokenizer.py"
-    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / name).read_bytes() == (TINY / name).read_bytes(), name
 
@@ -112,9 +127,21 @@ def test_deepseek_tokenizer_loads(deepseek):
 @pytest.mark.parametrize("which", ["tiny", "deepseek"])
 def test_per_span_equals_whole_on_random_texts(which, request):
     tok = request.getfixturevalue(which)
-    specials = SPECIALS if which == "tiny" else (
-        "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<think>", "</think>",
-        "<｜tool▁sep｜>", "<｜begin▁of▁sentence｜>", "<｜place▁holder▁no▁7｜>", "<dsml:")
+    specials = (
+        SPECIALS
+        if which == "tiny"
+        else (
+            "<｜User｜>",
+            "<｜Assistant｜>",
+            "<｜end▁of▁sentence｜>",
+            "<think>",
+            "</think>",
+            "<｜tool▁sep｜>",
+            "<｜begin▁of▁sentence｜>",
+            "<｜place▁holder▁no▁7｜>",
+            "<dsml:",
+        )
+    )
     rng = random.Random(1234)
     tok.clear_cache()
     for i in range(400):
@@ -125,17 +152,30 @@ def test_per_span_equals_whole_on_random_texts(which, request):
     assert tok.cache_stats[1] > 0
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.sampled_from(SPECIALS + WORDS + (" ", "\n", "  ", "<|", "|>", "<|user", "|"))
-                | st.text(max_size=8), max_size=25))
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.sampled_from(SPECIALS + WORDS + (" ", "\n", "  ", "<|", "|>", "<|user", "|"))
+        | st.text(max_size=8),
+        max_size=25,
+    )
+)
 def test_per_span_equals_whole_hypothesis(tiny, parts):
     text = "".join(parts) if isinstance(parts, list) else parts
     assert tiny.encode(text).tolist() == whole(tiny, text)
 
 
 def test_splitter_is_leftmost_longest():
-    sp = AddedTokenSplitter([{"id": 1, "content": "<a>"}, {"id": 2, "content": "<a>b"},
-                             {"id": 3, "content": "b<a"}, {"id": 4, "content": "<"}])
+    sp = AddedTokenSplitter(
+        [
+            {"id": 1, "content": "<a>"},
+            {"id": 2, "content": "<a>b"},
+            {"id": 3, "content": "b<a"},
+            {"id": 4, "content": "<"},
+        ]
+    )
     pieces = [(p.text, p.token_id) for p in sp.split("xb<a>b<a>y<")]
     assert pieces == [("x", -1), ("b<a", 3), (">", -1), ("b<a", 3), (">y", -1), ("<", 4)]
     assert [(p.text, p.token_id) for p in sp.split("<a>bc")] == [("<a>b", 2), ("c", -1)]
@@ -149,8 +189,12 @@ def _train(pre_tokenizer, normalizer=None, extra=()) -> Tokenizer:
     tok.decoder = decoders.Metaspace()
     corpus = [" ".join(random.Random(s).choices(WORDS[:12], k=40)) for s in range(50)]
     corpus.append("intro\n# Heading\nbody <mask> xy")
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["[UNK]", "<s>", "<sep>"], show_progress=False))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["[UNK]", "<s>", "<sep>"], show_progress=False
+        ),
+    )
     tok.add_tokens(list(extra))
     return tok
 
@@ -167,8 +211,10 @@ def test_self_check_falls_back_when_pieces_interact(tmp_path):
     raw = _train(pre_tokenizers.Metaspace(prepend_scheme="first"))
     d = _model_dir(tmp_path, raw)
     text = "the agent<sep>the agent<s> x"
-    assert ModelTokenizer.from_dir(d, options=TokenizerConfig(self_check=False)).encode(text).tolist() \
-        != raw.encode(text, add_special_tokens=False).ids  # piece-wise really is wrong here
+    assert (
+        ModelTokenizer.from_dir(d, options=TokenizerConfig(self_check=False)).encode(text).tolist()
+        != raw.encode(text, add_special_tokens=False).ids
+    )  # piece-wise really is wrong here
     tok = ModelTokenizer.from_dir(d)
     assert not tok.per_span and tok.self_check_failure is not None
     rng = random.Random(7)
@@ -197,12 +243,14 @@ def test_self_check_passes_with_metaspace_always_and_lstrip_tokens(tmp_path):
 def test_self_check_catches_a_splitter_that_disagrees(tmp_path, monkeypatch):
     # A splitter that cuts where the library does not (here at every "e", as if it were an
     # added token) gives other IDs; the check must notice and switch to whole strings.
-    d = _model_dir(tmp_path, _train(pre_tokenizers.Metaspace(prepend_scheme="always"),
-                                    extra=["<tool>"]))
+    d = _model_dir(
+        tmp_path, _train(pre_tokenizers.Metaspace(prepend_scheme="always"), extra=["<tool>"])
+    )
     real_init = AddedTokenSplitter.__init__
 
     def inventive(self, tokens):
         real_init(self, [*tokens, {"id": 5, "content": "e"}])
+
     monkeypatch.setattr(AddedTokenSplitter, "__init__", inventive)
     tok = ModelTokenizer.from_dir(d)
     assert not tok.per_span and "e" in tok.self_check_failure
@@ -216,6 +264,7 @@ def test_self_check_catches_a_splitter_that_disagrees(tmp_path, monkeypatch):
 @pytest.mark.parametrize("which", ["tiny", "deepseek"])
 def test_encode_prompt_matches_transformers(which, request):
     from transformers import AutoTokenizer
+
     tok = request.getfixturevalue(which)
     hf = AutoTokenizer.from_pretrained(TINY if which == "tiny" else deepseek_dir())
     for text in ("hello world", "", "<|user|>hi<|end|>", "多语言 text\n\n# h\n", "x" * 50):
@@ -247,9 +296,26 @@ def test_char_to_token_moves_to_the_next_boundary(tiny):
     assert enc.char_to_token(len(text)) == n_ids
 
 
+@pytest.mark.parametrize("which", ["tiny", "deepseek"])
+def test_char_to_token_agrees_with_library_offsets(which, request):
+    # Byte-level vocabularies map chars to tokens with a byte-length table, not offsets;
+    # the result must be the library's: the first token starting at or after the char.
+    tok = request.getfixturevalue(which)
+    assert tok._pieces._byte_len is not None
+    rng = random.Random(8)
+    for _ in range(60):
+        text = random_text(rng, SPECIALS if which == "tiny" else ("<｜User｜>",))
+        enc = tok._pieces.encode(text)
+        starts = [s for s, _ in tok._tok.encode(text, add_special_tokens=False).offsets]
+        for pos in range(len(text) + 1):
+            want = next((i for i, s in enumerate(starts) if s >= pos), len(starts))
+            assert enc.char_to_token(pos) == want, (text, pos)
+
+
 @pytest.mark.parametrize("rust", [True, False])
 def test_stream_decoder(tiny, deepseek, rust):
     from irminsul.chunking.stream import StreamDecoder
+
     for tok in (tiny, deepseek):
         text = "Résumé: 日本語 🙂👍🏽 done.\n  x"
         ids = tok.encode(text).tolist()
@@ -280,16 +346,63 @@ def test_span_cache_bounds():
     assert c.get("x" * 11) is None
 
 
-def test_cache_serves_resent_pieces(tiny):
-    tiny.clear_cache()
+def test_cache_serves_resent_pieces():
+    tok = ModelTokenizer.from_dir(TINY, options=TokenizerConfig(recent_prompts=0))
     text = "<|system|>" + "long system prompt " * 50 + "<|end|>\n<|user|>q1"
-    tiny.encode(text)
-    entries, hits, misses = tiny.cache_stats
-    tiny.encode(text.replace("q1", "q2"))
-    e2, h2, m2 = tiny.cache_stats
-    assert m2 - misses == 1 and h2 - hits == 2  # only the new question is encoded
+    tok.encode(text)
+    entries, hits, misses = tok.cache_stats
+    assert (entries, hits, misses) == (3, 0, 3)
+    tok.encode(text.replace("q1", "q2"))
+    assert tok.cache_stats == (4, 2, 4)  # only the new question is encoded
+
+
+@pytest.mark.parametrize("which", ["tiny", "deepseek"])
+def test_prefix_reuse_after_random_edits(which, request):
+    # The next prompt shares a prefix with a recent one: pieces before a safe split point
+    # are reused. Edits land anywhere (inside added tokens, next to them, at the end).
+    tok = request.getfixturevalue(which)
+    specials = (
+        SPECIALS if which == "tiny" else ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>")
+    )
+    rng = random.Random(11)
+    tok.clear_cache()
+    base = "".join(random_text(rng, specials) for _ in range(6))
+    assert len(base) > 600
+    reused = 0
+    for i in range(300):
+        cut = rng.randrange(len(base) + 1)
+        edit = rng.choice(
+            ["", rng.choice(specials), random_text(rng, specials, 4), specials[0][:3]]
+        )
+        text = base[:cut] + edit + (base[cut:] if rng.random() < 0.5 else "")
+        found = tok._pieces.recent.best(text)
+        reused += found is not None and tok._pieces._reusable(*found) > 0
+        enc = tok._pieces.encode(text)
+        assert enc.ids.tolist() == whole(tok, text), (i, cut, edit)
+        fresh = tok._pieces.encode(text, use_cache=False)  # no piece cache, no reuse
+        for a, b in zip(enc.section_tokens(), fresh.section_tokens()):
+            assert a.tolist() == b.tolist()
+        for pos in rng.sample(range(len(text) + 1), min(20, len(text) + 1)):
+            assert enc.char_to_token(pos) == fresh.char_to_token(pos)
+        if rng.random() < 0.3 and len(text) > 600:
+            base = text
+    assert reused > 80  # cuts inside the first 512 chars (the head) cannot reuse
+
+
+def test_common_prefix():
+    from irminsul.chunking.recent import common_prefix
+
+    rng = random.Random(2)
+    for _ in range(500):
+        a = "".join(rng.choices("ab", k=rng.randrange(0, 9000)))
+        n = rng.randrange(len(a) + 1)
+        b = a[:n] + "".join(rng.choices("abc", k=rng.randrange(0, 50)))
+        want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert common_prefix(a, b) == want
 
 
 def test_encode_rejects_non_text(tiny):
     with pytest.raises(TypeError, match="must be a str"):
         tiny.encode(b"bytes")
+    with pytest.raises(ValueError, match="lone UTF-16 surrogate"):
+        tiny.encode_chat([{"role": "user", "content": "bad \ud800 text"}])

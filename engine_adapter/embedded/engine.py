@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 from ...chunking.fingerprint import model_fingerprint
-from ...chunking.keys import Chunker
+from ...chunking.keys import Chunker, chunk_key
 from ...chunking.tokenizer import ModelTokenizer
 from ..contract import Annotation, ChunkRef, ReuseCounts
 from .config import POLICIES, EngineConfig
 from .model_runner import ModelRunner
-from .planner import Plan, PolicyArgs, make_plan, policy_args
-from .prefill import PrefillOutcome, commit, run_prefill
-from .store import ChunkStore
+from .planner import PolicyArgs, make_plan, policy_args
+from .prefill import commit, run_prefill
+from .store import ChunkStore, KVEntry
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,8 @@ class Engine:
         arr = self._check_ids(ids)
         name, args = self._policy(policy, policy_args)
         with self._lock:
-            outcome, plan, seconds = self._prefill(arr, annotation, tuple(anchors), namespace,
-                                                   name, args, capacity=len(arr))
+            outcome, plan, seconds, _ = self._prefill(arr, annotation, tuple(anchors),
+                                                      namespace, name, args, capacity=len(arr))
             return PrefillResult(outcome.logits.cpu(), plan.counts, seconds)
 
     def flush_cache(self) -> None:
@@ -153,8 +153,10 @@ class Engine:
         with self._lock:
             # The context limit counts output tokens too, as SGLang's does.
             n_out = min(params.max_new_tokens, self.config.max_seq_len - len(ids))
-            outcome, plan, seconds = self._prefill(ids, annotation, anchors, namespace, name,
-                                                   args, capacity=len(ids) + n_out)
+            # Room for a few output tokens; the buffer grows if the output runs longer.
+            outcome, plan, seconds, path = self._prefill(
+                ids, annotation, anchors, namespace, name, args,
+                capacity=len(ids) + min(n_out, _FIRST_OUTPUT_SLOTS))
             if n_out == 0:
                 yield StepOutput(None, plan.counts, seconds, "length")
                 return
@@ -163,28 +165,45 @@ class Engine:
                 stops.update(self.tokenizer.eos_token_ids)
             gen = None if params.seed is None else torch.Generator().manual_seed(params.seed)
             runner, kv, logits = self.runner, outcome.kv, outcome.logits
-            for i in range(n_out):
-                tok = sample(logits, params, gen)
-                self._generated += 1
-                finish = "stop" if tok in stops else "length" if i + 1 == n_out else None
-                first = i == 0
-                yield StepOutput(tok, plan.counts if first else None,
-                                 seconds if first else None, finish)
-                if finish is not None:
-                    return
-                pos = torch.tensor([len(ids) + i])
-                h = runner.run_layers(kv, runner.embed(torch.tensor([tok])), pos, 0,
-                                      runner.num_layers)
-                logits = runner.logits(h)[0]
+            fed: list[int] = []  # output tokens whose KV is in kv (all but the last)
+            try:
+                for i in range(n_out):
+                    tok = sample(logits, params, gen)
+                    self._generated += 1
+                    finish = "stop" if tok in stops else "length" if i + 1 == n_out else None
+                    first = i == 0
+                    yield StepOutput(tok, plan.counts if first else None,
+                                     seconds if first else None, finish)
+                    if finish is not None:
+                        return
+                    kv.reserve(len(ids) + i + 1)
+                    pos = torch.tensor([len(ids) + i])
+                    h = runner.run_layers(kv, runner.embed(torch.tensor([tok])), pos, 0,
+                                          runner.num_layers)
+                    logits = runner.logits(h)[0]
+                    fed.append(tok)
+            finally:  # also when the consumer closes the iterator early
+                if path is not None and fed:
+                    self._store_output(ids, fed, kv, path, namespace)
 
-    def _prefill(self, ids, annotation, anchors, namespace, name, args, capacity
-                 ) -> tuple[PrefillOutcome, Plan, float]:
+    def _store_output(self, ids, fed, kv, path, namespace) -> None:
+        """Extend the prompt's trie path with the decoded tokens' KV (exact when the prompt
+        was), so a next turn that repeats the reply gets it as exact prefix, as a radix
+        cache does."""
+        n, out = len(ids), np.asarray(fed, dtype=np.int32)
+        key = chunk_key(out, namespace=namespace, model_fingerprint=self.model_fingerprint)
+        entry = KVEntry(out, n, kv.c_kv[:, n : n + len(out)].clone(),
+                        kv.k_pe[:, n : n + len(out)].clone())
+        self.store.insert_prefix(namespace, [*path, (key, entry)])
+
+    def _prefill(self, ids, annotation, anchors, namespace, name, args, capacity):
+        """Plan, prefill and store ``ids``: (outcome, plan, seconds, exact trie path or None)."""
         t0 = time.perf_counter()
         chunks = self._chunks(ids, annotation, anchors, namespace)
         plan = make_plan(self.store, ids, chunks, policy=name, args=args, namespace=namespace)
         try:
             outcome = run_prefill(self.runner, plan, capacity)
-            commit(self.store, plan, outcome, namespace)
+            path = commit(self.store, plan, outcome, namespace)
         finally:
             self.store.release(plan.entries)
         if self.runner.device.type == "cuda":
@@ -194,15 +213,17 @@ class Engine:
         self._prefill_seconds += seconds
         for f in _COUNT_FIELDS:
             self._totals[f] += getattr(plan.counts, f)
-        return outcome, plan, seconds
+        return outcome, plan, seconds, path
 
     def _chunks(self, ids, annotation, anchors, namespace) -> tuple[ChunkRef, ...]:
         """The annotation's chunks if it was made for these IDs with this model's keys;
         otherwise chunks derived here (keeping a matching annotation's anchors)."""
         if annotation is not None and annotation.matches(ids):
-            if annotation.chunks and annotation.model_fingerprint == self.model_fingerprint:
+            chunks = tuple(annotation.chunks)
+            if (chunks and annotation.model_fingerprint == self.model_fingerprint
+                    and _tiles(chunks, len(ids))):
                 self._annotations_used += 1
-                return tuple(annotation.chunks)
+                return chunks
             anchors = annotation.anchors or anchors
         if annotation is not None:
             self._annotations_ignored += 1
@@ -229,8 +250,19 @@ class Engine:
         return name, policy_args(name, args, self.defaults)
 
 
+_FIRST_OUTPUT_SLOTS = 256
 _COUNT_FIELDS = ("prompt_tokens", "exact_prefix_tokens", "reused_tokens", "recomputed_tokens",
                  "new_tokens", "chunks_total", "chunks_hit")
+
+
+def _tiles(chunks: tuple[ChunkRef, ...], n: int) -> bool:
+    """True if the chunks cover [0, n) in order without gaps or overlaps."""
+    end = 0
+    for c in chunks:
+        if c.start != end or c.end <= c.start:
+            return False
+        end = c.end
+    return end == n
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:

@@ -40,6 +40,25 @@ class KVBuffer:
     def capacity(self) -> int:
         return self.c_kv.shape[1]
 
+    def reserve(self, slots: int) -> None:
+        """Grow (at least doubling, contents kept) so that ``slots`` slots fit."""
+        old = self.capacity
+        if slots <= old:
+            return
+        cap = max(slots, 2 * old)
+
+        def grown(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = cap
+            out = t.new_zeros(shape)
+            out.narrow(dim, 0, old).copy_(t)
+            return out
+
+        self.c_kv, self.k_pe = grown(self.c_kv, 1), grown(self.k_pe, 1)
+        self.expanded = grown(self.expanded, 1)
+        self.keys = [None if k is None else grown(k, 2) for k in self.keys]
+        self.values = [None if v is None else grown(v, 2) for v in self.values]
+
 
 class _SlotCache:
     """The ``past_key_values`` the library's attention sees for one block of query tokens."""

@@ -12,7 +12,8 @@ import uuid
 from collections.abc import Sequence
 from typing import NamedTuple
 
-# The shipped chat template's tool-call form: <|tool_call|>{"name": ..., "arguments": ...}<|/tool_call|>
+# The shipped chat template's tool-call form:
+#   <|tool_call|>{"name": ..., "arguments": {...}}<|/tool_call|>
 TOOL_CALL_OPEN = "<|tool_call|>"
 TOOL_CALL_CLOSE = "<|/tool_call|>"
 

@@ -36,14 +36,14 @@ class PolicyArgs(NamedTuple):
 
 
 def policy_args(policy: str, args: dict[str, Any] | None, defaults: PolicyArgs) -> PolicyArgs:
-    """Validated arguments of ``policy``: {"k": int >= 0} for pic, {"r": 0..1} for blend."""
+    """Validated arguments: {"k": int >= 0} (pic) and {"r": 0..1} (blend). Either key is
+    accepted whatever the policy (a proxy may send both) and used only where it applies."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     args = dict(args or {})
-    allowed = {"pic": {"k"}, "blend": {"r"}}.get(policy, set())
-    unknown = sorted(set(args) - allowed)
+    unknown = sorted(map(str, set(args) - {"k", "r"}))
     if unknown:
-        raise ValueError(f"policy {policy!r} takes no argument(s) {', '.join(unknown)}")
+        raise ValueError(f"unknown policy argument(s) {', '.join(unknown)} (known: k, r)")
     k, r = args.get("k", defaults.k), args.get("r", defaults.r)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"pic argument k must be an integer >= 0, got {k!r}")

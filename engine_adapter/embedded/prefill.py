@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ...kernels.rope import materialize
+from ...kernels.rope import Segment, materialize
 from .model_runner import KVBuffer, ModelRunner
 from .planner import RECOMPUTED, REUSED, Plan
 from .store import ChunkStore, KVEntry
@@ -23,7 +23,6 @@ def run_prefill(runner: ModelRunner, plan: Plan, capacity: int) -> PrefillOutcom
     """Build the prompt's KV per ``plan`` in a new buffer of ``capacity`` slots."""
     n = len(plan.ids)
     kv = runner.new_kv(max(capacity, n))
-    dev = runner.device
     done = 0
     for entry, used in plan.prefix.parts:  # exact prefix: same positions, plain copy
         used = min(used, plan.prefix_len - done)
@@ -32,12 +31,12 @@ def run_prefill(runner: ModelRunner, plan: Plan, capacity: int) -> PrefillOutcom
         kv.c_kv[:, done : done + used] = entry.c_kv[:, :used]
         kv.k_pe[:, done : done + used] = entry.k_pe[:, :used]
         done += used
+    segments = []
     for p in plan.placements:
-        dst = torch.arange(p.start, p.start + p.length, device=dev)
-        src_pos = torch.arange(p.length, device=dev) + (p.entry.position + p.offset)
         sl = slice(p.offset, p.offset + p.length)
-        materialize(kv.c_kv, kv.k_pe, dst, p.entry.c_kv[:, sl], p.entry.k_pe[:, sl], src_pos,
-                    dst, runner.spec)
+        segments.append(Segment(p.entry.c_kv[:, sl], p.entry.k_pe[:, sl],
+                                p.entry.position + p.offset, p.start, p.start))
+    materialize(kv.c_kv, kv.k_pe, segments, runner.spec)
     kv.length = n
     ids = torch.from_numpy(plan.ids.astype(np.int64))
     source = plan.source.copy()

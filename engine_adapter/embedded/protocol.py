@@ -7,6 +7,7 @@ raises :class:`ApiError` (a 400 with the API's error JSON), never a 500.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from typing import Any, NamedTuple
 
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 # clients which always send them (most SDKs send 0 penalties) keep working.
 _NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "repetition_penalty": 1,
             "min_p": 0, "n": 1, "best_of": 1}
+# SGLang's constrained decoding and output options the engine does not implement: refused when
+# set, rather than silently ignored (a client relying on them would get wrong output).
+_UNSUPPORTED = ("regex", "ebnf", "json_schema", "structural_tag", "no_stop_trim", "logit_bias",
+                "return_logprob", "logprobs", "top_logprobs", "echo", "suffix")
 
 
 class ApiError(Exception):
@@ -113,6 +118,7 @@ class RequestParser:
         )
         self.annotations_seen = 0
         self.malformed_annotations = 0
+        self._count_lock = threading.Lock()  # requests are parsed on several threads
 
     # ---- endpoints -------------------------------------------------------------------------
 
@@ -133,8 +139,8 @@ class RequestParser:
         else:
             ids, anchors = self._token_ids(input_ids, "input_ids"), ()
         return self._request(body, sp, ids, anchors, max_key="max_new_tokens", default_max=128,
-                             stream=_bool(body, "stream", False),
-                             include_usage=False, parse_tools=False, rid=body.get("rid"))
+                             stream=_bool(body, "stream", False), include_usage=False,
+                             parse_tools=False, rid=body.get("rid"))
 
     def chat(self, body: Any) -> GenerationRequest:
         """OpenAI /v1/chat/completions, rendered with the model's chat template."""
@@ -173,29 +179,23 @@ class RequestParser:
         else:
             raise ApiError("'prompt' must be a string or a list of token IDs (one prompt)",
                            param="prompt")
-        for key in ("echo", "suffix", "logprobs"):
-            if body.get(key):
-                raise ApiError(f"'{key}' is not supported by this engine", param=key)
         return self._openai(body, ids, anchors, False)
 
     # ---- shared ----------------------------------------------------------------------------
 
     def _openai(self, body: dict, ids, anchors, parse_tools: bool) -> GenerationRequest:
-        if body.get("logprobs") or body.get("top_logprobs"):
-            raise ApiError("logprobs are not supported by this engine", param="logprobs")
         stream = _bool(body, "stream", False)
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise ApiError("'stream_options' must be an object", param="stream_options")
         max_key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         return self._request(body, body, ids, anchors, max_key=max_key, default_max=None,
-                             stream=stream,
-                             include_usage=stream and _bool(opts, "include_usage", False),
-                             parse_tools=parse_tools, rid=None)
+                             stream=stream, parse_tools=parse_tools, rid=None,
+                             include_usage=stream and _bool(opts, "include_usage", False))
 
     def _request(self, body: dict, sp: dict, ids: np.ndarray, anchors, *, max_key: str,
-                 default_max: int | None, stream: bool,
-                 include_usage: bool, parse_tools: bool, rid: Any) -> GenerationRequest:
+                 default_max: int | None, stream: bool, include_usage: bool, parse_tools: bool,
+                 rid: Any) -> GenerationRequest:
         if len(ids) == 0:
             raise ApiError("the prompt is empty")
         if len(ids) >= self.max_seq_len:
@@ -204,6 +204,10 @@ class RequestParser:
         for key, neutral in _NEUTRAL.items():
             if sp.get(key) not in (None, neutral):
                 raise ApiError(f"'{key}' other than {neutral} is not supported", param=key)
+        for src in (sp, body):
+            for key in _UNSUPPORTED:
+                if src.get(key):
+                    raise ApiError(f"'{key}' is not supported by this engine", param=key)
         room = self.max_seq_len - len(ids)
         # Like SGLang, a max_new_tokens past the context limit is clamped, not refused.
         requested = _int(sp, max_key, default_max)
@@ -247,14 +251,16 @@ class RequestParser:
             raw = hint.get(ANNOTATION_KEY, hint) if isinstance(hint, dict) else hint
         if raw is None:
             return None
-        self.annotations_seen += 1
+        with self._count_lock:
+            self.annotations_seen += 1
         try:
             ann = Annotation.from_json(raw)
             if ann.policy is not None:
                 policy_args(ann.policy, ann.policy_args, PolicyArgs())
             return ann
-        except (ContractError, ValueError) as e:
-            self.malformed_annotations += 1
+        except (ContractError, ValueError, TypeError) as e:
+            with self._count_lock:
+                self.malformed_annotations += 1
             log.warning("ignoring malformed irminsul annotation: %s", e)
             return None
 

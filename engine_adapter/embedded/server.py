@@ -7,6 +7,7 @@ and stream or collect the job's events (streams.py) into response bodies (replie
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -64,6 +65,12 @@ async def read_json(request: web.Request):
         raise ApiError(f"the request body is not valid JSON: {e}") from None
 
 
+async def parse(method, body) -> GenerationRequest:
+    """Parse (and tokenize) off the event loop: a long agent prompt takes a while to render
+    and encode, and the loop keeps serving health checks and streams meanwhile."""
+    return await asyncio.to_thread(method, body)
+
+
 def carry_irminsul(body: dict, chat_body: dict) -> dict:
     """The translated chat body plus the annotation and policy fields of the original."""
     return {**chat_body, **{k: body[k] for k in IRMINSUL_FIELDS if k in body}}
@@ -87,9 +94,19 @@ class EngineServer:
     async def on_cleanup(self, app: web.Application) -> None:
         await self.worker.stop()
 
+    def _check_worker(self) -> None:
+        if not self.worker.alive():
+            raise ApiError("the engine worker is not running", status=503)
+
     def submit(self, req: GenerationRequest) -> GenerationJob:
+        self._check_worker()
         self.requests += 1
         return self.worker.submit(req)
+
+    async def call(self, fn):
+        """``fn(engine)`` on the worker thread, after the jobs queued before it."""
+        self._check_worker()
+        return await self.worker.call(fn)
 
     async def stream(self, request: web.Request, job: GenerationJob, chunks: AsyncIterator[dict],
                      framing=None) -> web.StreamResponse:
@@ -124,7 +141,7 @@ class EngineServer:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
-        req = self.parser.generate(await read_json(request))
+        req = await parse(self.parser.generate, await read_json(request))
         if req.stream:
             job = self.submit(req)
             return await self.stream(request, job, generate_chunks(job, req, request, started))
@@ -134,7 +151,7 @@ class EngineServer:
         return web.json_response(generate_json(req, got.text, got.output_ids, got.done, started))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        req = self.parser.chat(await read_json(request))
+        req = await parse(self.parser.chat, await read_json(request))
         if req.stream:
             job = self.submit(req)
             return await self.stream(request, job, chat_chunks(job, req, request))
@@ -144,7 +161,7 @@ class EngineServer:
         return web.json_response(completion)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = self.parser.completion(await read_json(request))
+        req = await parse(self.parser.completion, await read_json(request))
         if req.stream:
             job = self.submit(req)
             return await self.stream(request, job, completion_chunks(job, req, request))
@@ -157,7 +174,7 @@ class EngineServer:
         """Anthropic /v1/messages, translated onto the chat path (proxy/anthropic.py)."""
         body = await read_json(request)
         chat = messages_to_chat(body)
-        req = self.parser.chat(carry_irminsul(body, chat.body))
+        req = await parse(self.parser.chat, carry_irminsul(body, chat.body))
         stops = chat.body.get("stop", ())
         if req.stream:
             job = self.submit(req)
@@ -175,7 +192,7 @@ class EngineServer:
         """OpenAI /v1/responses, translated onto the chat path (proxy/responses.py)."""
         body = await read_json(request)
         chat = responses_to_chat(body)
-        req = self.parser.chat(carry_irminsul(body, chat.body))
+        req = await parse(self.parser.chat, carry_irminsul(body, chat.body))
         if req.stream:
             job = self.submit(req)
             translator = ResponsesStream(request=body, model=chat.model)
@@ -232,11 +249,11 @@ class EngineServer:
 
     async def flush_cache(self, request: web.Request) -> web.Response:
         # Runs on the worker after the jobs queued before it, never during a generation.
-        await self.worker.call(lambda engine: engine.flush_cache())
+        await self.call(lambda engine: engine.flush_cache())
         return web.Response(text="Cache flushed.\n")
 
     async def stats(self, request: web.Request) -> web.Response:
-        engine_stats = await self.worker.call(lambda engine: engine.stats())
+        engine_stats = await self.call(lambda engine: engine.stats())
         server = {"requests": self.requests, "queued": self.worker.queued,
                   "annotations_seen": self.parser.annotations_seen,
                   "annotations_malformed": self.parser.malformed_annotations}

@@ -47,12 +47,14 @@ def client_gone(request: web.BaseRequest) -> bool:
 async def job_events(job: GenerationJob, request: web.BaseRequest) -> AsyncIterator[Any]:
     """The job's TextDelta events then its Finished; stops early if the client disconnects."""
     while True:
+        # Checked before every wait, not only when one times out: while tokens flow, events
+        # arrive faster than the poll interval and a timeout would never come.
+        if client_gone(request):
+            job.cancel()
+            return
         try:
             event = await asyncio.wait_for(job.events.get(), _DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
-            if client_gone(request):
-                job.cancel()
-                return
             continue
         if isinstance(event, Failed):
             raise EngineFailed(event.message)

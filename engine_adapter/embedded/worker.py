@@ -1,9 +1,9 @@
 """The single engine thread and its bridge to asyncio.
 
 The engine is not re-entrant, so every call into it (generation, cache flush, stats) runs on
-one worker thread, one job at a time, in arrival order. A generation job streams its tokens
-back to the event loop with ``loop.call_soon_threadsafe`` into an ``asyncio.Queue``; the
-handler that owns the job sets its cancel flag when the client goes away, and the worker
+one worker thread, one job at a time, in the order submitted. A generation job streams its
+tokens back to the event loop with ``loop.call_soon_threadsafe`` into an ``asyncio.Queue``;
+the handler that owns the job sets its cancel flag when the client goes away, and the worker
 checks that flag between decode steps.
 """
 

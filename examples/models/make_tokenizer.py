@@ -43,21 +43,25 @@ SPECIAL_TOKENS = (
 # Content is always rendered (even when empty) so every message has a fixed header.
 CHAT_TEMPLATE = """\
 {{- bos_token -}}
-{%- set first = messages[0] if messages else none -%}
-{%- if (first is not none and first['role'] == 'system') or tools -%}
-<|system|>
-{%- if first is not none and first['role'] == 'system' -%}{{ first['content'] }}{%- endif -%}
+{%- set has_system = messages and messages[0]['role'] == 'system' -%}
+{%- set system = messages[0]['content'] if has_system else '' -%}
+{%- if has_system or tools -%}
+<|system|>{{ system }}
 {%- if tools -%}
-{%- if first is not none and first['role'] == 'system' and first['content'] %}{{ '\\n\\n' }}{% endif -%}
+{%- if system %}{{ '\\n\\n' }}{% endif -%}
 # Tools{{ '\\n' }}
-{%- for tool in tools -%}{{ (tool['function'] if tool['function'] is defined else tool) | tojson }}{{ '\\n' }}
+{%- for tool in tools -%}
+{%- set spec = tool['function'] if tool['function'] is defined else tool -%}
+{{ spec | tojson }}{{ '\\n' }}
 {%- endfor -%}
 {%- endif -%}
 <|end|>{{ '\\n' }}
 {%- endif -%}
 {%- for message in messages -%}
 {%- if message['role'] == 'system' -%}
-{%- if not loop.first -%}{{ raise_exception('the system message must be the first message') }}{%- endif -%}
+{%- if not loop.first -%}
+{{ raise_exception('the system message must be the first message') }}
+{%- endif -%}
 {%- elif message['role'] == 'user' -%}
 <|user|>{{ message['content'] }}<|end|>{{ '\\n' }}
 {%- elif message['role'] == 'assistant' -%}
@@ -65,7 +69,8 @@ CHAT_TEMPLATE = """\
 {%- for call in message['tool_calls'] | default([]) -%}
 {%- set fn = call['function'] if call['function'] is defined else call -%}
 {%- set args = fn['arguments'] if fn['arguments'] is defined else {} -%}
-<|tool_call|>{"name": {{ fn['name'] | tojson }}, "arguments": {{ args if args is string else args | tojson }}}<|/tool_call|>
+{%- set args = args if args is string else args | tojson -%}
+<|tool_call|>{"name": {{ fn['name'] | tojson }}, "arguments": {{ args }}}<|/tool_call|>
 {%- endfor -%}
 <|end|>{{ '\\n' }}
 {%- elif message['role'] == 'tool' -%}
@@ -149,8 +154,10 @@ def write(out: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tok = build(max_bytes)
     tok.save(str(out / "tokenizer.json"), pretty=False)
-    dump = dict(ensure_ascii=False, indent=2, sort_keys=False)
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(max_bytes), **dump) + "\n")
+    dump = {"ensure_ascii": False, "indent": 2, "sort_keys": False}
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(tokenizer_config(max_bytes), **dump) + "\n"
+    )
     (out / "generation_config.json").write_text(json.dumps(generation_config(tok), **dump) + "\n")
 
 

@@ -14,12 +14,52 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
-WORDS = ("the", "agent", "résumé", "naïve", "日本語", "テキスト", "中文", "текст", "🙂", "👍🏽",
-         "x", "Foo", "bar_baz", "42", "3.14159", "1234567890", "''", '"q"', "(", ")", "{", "}",
-         "->", "::", "==", "\\n", "\u00a0", "\u200b", "e\u0301")
+WORDS = (
+    "the",
+    "agent",
+    "résumé",
+    "naïve",
+    "日本語",
+    "テキスト",
+    "中文",
+    "текст",
+    "🙂",
+    "👍🏽",
+    "x",
+    "Foo",
+    "bar_baz",
+    "42",
+    "3.14159",
+    "1234567890",
+    "''",
+    '"q"',
+    "(",
+    ")",
+    "{",
+    "}",
+    "->",
+    "::",
+    "==",
+    "\\n",
+    "\u00a0",
+    "\u200b",
+    "e\u0301",
+)
 SPACES = (" ", "  ", "\n", "\n\n", "\t", " \n", "\r\n", "   \n\n  ")
-LINES = ("# Heading", "## Sub heading", "<document index=\"2\">", "</document>", "<env>", "---",
-         "- item", "1. step", "```python", "```", "#notaheading", "> quote")
+LINES = (
+    "# Heading",
+    "## Sub heading",
+    '<document index="2">',
+    "</document>",
+    "<env>",
+    "---",
+    "- item",
+    "1. step",
+    "```python",
+    "```",
+    "#notaheading",
+    "> quote",
+)
 
 
 @lru_cache(maxsize=1)
@@ -31,7 +71,7 @@ def code_pool() -> tuple[str, ...]:
         p = stdlib / name
         if p.is_file():
             t = p.read_text(encoding="utf-8")
-            out += [t[i:i + 2000] for i in range(0, len(t), 2000)]
+            out += [t[i : i + 2000] for i in range(0, len(t), 2000)]
     return tuple(out) or ("def f(x):\n    return x\n",)
 
 
@@ -42,7 +82,7 @@ def random_text(rng: random.Random, specials: tuple[str, ...] = (), max_parts: i
         if r < 0.08:
             s = rng.choice(code_pool())
             a = rng.randrange(len(s))
-            parts.append(s[a:a + rng.randint(1, 600)])
+            parts.append(s[a : a + rng.randint(1, 600)])
         elif r < 0.2:
             parts.append("\n" + rng.choice(LINES) + rng.choice(("", " title", "\n")))
         elif r < 0.26 and specials:
@@ -55,18 +95,32 @@ def random_text(rng: random.Random, specials: tuple[str, ...] = (), max_parts: i
 
 
 TOOLS = [
-    {"type": "function", "function": {
-        "name": "read_file", "description": "Read a file.\n# Notes\nUTF-8 only.",
-        "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
-                       "required": ["path"]}}},
-    {"type": "function", "function": {
-        "name": "run", "description": "Run a shell command <safe>",
-        "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "read_file",
+            "description": "Read a file.\n# Notes\nUTF-8 only.",
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}},
+                "required": ["path"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "run",
+            "description": "Run a shell command <safe>",
+            "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+        },
+    },
 ]
 
 
-def random_conversation(rng: random.Random, specials: tuple[str, ...] = (),
-                        max_messages: int = 12) -> tuple[list[dict], list[dict] | None]:
+def random_conversation(
+    rng: random.Random, specials: tuple[str, ...] = (), max_messages: int = 12
+) -> tuple[list[dict], list[dict] | None]:
     """(messages, tools): an optional system message, then user/assistant/tool turns."""
     msgs: list[dict] = []
     if rng.random() < 0.7:
@@ -75,7 +129,9 @@ def random_conversation(rng: random.Random, specials: tuple[str, ...] = (),
     for k in range(rng.randint(1, max_messages)):
         if pending:
             cid = pending.pop(0)
-            msgs.append({"role": "tool", "tool_call_id": cid, "content": random_text(rng, specials)})
+            msgs.append(
+                {"role": "tool", "tool_call_id": cid, "content": random_text(rng, specials)}
+            )
             continue
         if not msgs or msgs[-1]["role"] in ("system", "assistant", "tool") and rng.random() < 0.6:
             content = random_text(rng, specials)
@@ -87,8 +143,16 @@ def random_conversation(rng: random.Random, specials: tuple[str, ...] = (),
             for j in range(rng.randint(1, 2)):
                 cid = f"call_{k}_{j}"
                 args = {"path": random_text(rng, (), 3)} if rng.random() < 0.5 else {"cmd": "ls"}
-                calls.append({"id": cid, "type": "function", "function": {
-                    "name": rng.choice(("read_file", "run")), "arguments": json.dumps(args)}})
+                calls.append(
+                    {
+                        "id": cid,
+                        "type": "function",
+                        "function": {
+                            "name": rng.choice(("read_file", "run")),
+                            "arguments": json.dumps(args),
+                        },
+                    }
+                )
                 pending.append(cid)
             content = None if rng.random() < 0.5 else random_text(rng, specials, 5)
             msgs.append({"role": "assistant", "content": content, "tool_calls": calls})

@@ -1,6 +1,10 @@
 """Time to first token of the embedded engine on CPU: full vs prefix vs pic vs blend.
 
-Usage: python bench/cpu_ttft.py [--model DIR] [--tokens 1500] [--reps 3] [--no-anchors]
+Usage: python bench/ttft.py [--model DIR] [--tokens 1500] [--reps 3] [--no-anchors]
+       python bench/ttft.py --device cuda --preset v2-lite --layers 4 --tokens 8000
+
+By default the shipped tiny model on CPU; ``--preset`` builds a random-weight checkpoint of
+an engine preset first (on the GPU when --device is cuda), e.g. DeepSeek-V2-Lite's shape.
 
 The agent case: a prompt is sent, then resent with a changed header (a timestamp) in front
 of the same ~1.5K-token body. Each measurement starts from an empty store warmed with the
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +27,7 @@ import torch
 import irminsul
 from irminsul.engine_adapter.embedded.config import EngineConfig
 from irminsul.engine_adapter.embedded.engine import Engine, SamplingParams
+from irminsul.engine_adapter.embedded.presets import build_checkpoint
 
 ROOT = Path(irminsul.__file__).parent
 SHIPPED = ROOT / "examples" / "models" / "tiny-mla"
@@ -31,7 +37,9 @@ CASES = [("full", {}), ("prefix", {}), ("pic", {"k": 16}), ("pic", {"k": 4}),
 
 def body_tokens(engine: Engine, n: int) -> np.ndarray:
     """~n tokens of real text: this repository's own Python sources, in a fixed order."""
-    text = "".join(p.read_text() for p in sorted((ROOT / "engine_adapter").rglob("*.py")))
+    files = sorted(p for d in ("engine_adapter", "chunking", "proxy", "kernels")
+                   for p in (ROOT / d).rglob("*.py"))
+    text = "".join(p.read_text() for p in files)
     ids = engine.tokenizer.encode(text)
     if len(ids) < n:
         raise SystemExit(f"only {len(ids)} tokens of body text available, asked for {n}")
@@ -57,16 +65,29 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per case")
     ap.add_argument("--no-anchors", action="store_true",
                     help="give the chunker no header boundary (content-defined cuts only)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    ap.add_argument("--preset", help="build a random checkpoint of this engine preset")
+    ap.add_argument("--layers", type=int, help="with --preset: number of decoder layers")
     a = ap.parse_args()
-    engine = Engine(EngineConfig(model_dir=str(a.model), device="cpu", dtype="float32"))
+    if a.preset:
+        extra = {} if a.layers is None else {"num_hidden_layers": a.layers}
+        a.model = build_checkpoint(a.preset, tempfile.mkdtemp(prefix="ttft-"), seed=0,
+                                   tokenizer_dir=SHIPPED, dtype="bfloat16", device=a.device,
+                                   init_in_dtype=a.device == "cuda",
+                                   **extra)
+    engine = Engine(EngineConfig(model_dir=str(a.model), device=a.device, dtype=a.dtype,
+                                 max_seq_len=max(32768, 2 * a.tokens)))
     body = body_tokens(engine, a.tokens)
     warm, warm_anchors = prompt(engine, "Current time: 2025-06-01 09:00:00\n", body)
     ids, anchors = prompt(engine, "Current time: 2025-06-01 09:04:31 (session 7)\n", body)
     if a.no_anchors:
         warm_anchors = anchors = ()
-    print(f"model {a.model.name}, {len(ids)}-token prompt, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads on {os.cpu_count()} CPUs, {a.reps} reps, "
-          f"anchors {'off' if a.no_anchors else 'on'}")
+    where = (torch.cuda.get_device_name() if a.device == "cuda"
+             else f"{torch.get_num_threads()} threads on {os.cpu_count()} CPUs")
+    print(f"model {a.preset or a.model.name} ({engine.runner.num_layers} layers, "
+          f"{engine.runner.dtype}), {len(ids)}-token prompt, torch {torch.__version__}, "
+          f"{where}, {a.reps} reps, anchors {'off' if a.no_anchors else 'on'}")
     reference = engine.prefill(ids, anchors=anchors, policy="full").logits
     times: dict[int, list[float]] = {i: [] for i in range(len(CASES))}
     counts, devs = {}, {}

@@ -1,0 +1,31 @@
+"""The proxy's embedded mode: the engine server started inside the proxy's own process.
+
+proxy/command.py imports this module only when no --upstream is given, so the proxy alone
+never imports torch.
+"""
+
+from __future__ import annotations
+
+from ...proxy.config import ProxyConfig
+from .command import DEFAULT_MODEL, start_embedded
+from .config import EngineConfig
+
+
+def embedded_upstream_ctx(config: ProxyConfig, *, engine_config: EngineConfig | None = None):
+    """An async generator function (app) -> yields the engine's URL once, for
+    ``create_app(upstream_ctx=...)``: the engine starts on 127.0.0.1 (a free port) before the
+    proxy probes it and stops after the proxy closed its session.
+
+    The engine serves ``engine_config`` if given, else ``config.model_dir`` (default: the
+    shipped tiny model) with EngineConfig's defaults.
+    """
+    engine_config = engine_config or EngineConfig(model_dir=config.model_dir or str(DEFAULT_MODEL))
+
+    async def ctx(app):
+        runner, url = await start_embedded(engine_config)
+        try:
+            yield url
+        finally:
+            await runner.cleanup()
+
+    return ctx
