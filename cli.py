@@ -55,7 +55,8 @@ def main():
 
 def proxy_main():
     """Entry point of `irminsul-proxy`: the same as `irminsul proxy`."""
-    main.main(args=["proxy", *sys.argv[1:]], prog_name="irminsul-proxy")
+    proxy_command = main.get_command(None, "proxy")
+    proxy_command.main(args=sys.argv[1:], prog_name="irminsul-proxy")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ class ChunkerConfig:
     which pulls chunk lengths towards ``avg_tokens``.
     """
 
-    min_tokens: int = 32
-    avg_tokens: int = 128
-    max_tokens: int = 512
+    min_tokens: int = 64
+    avg_tokens: int = 256
+    max_tokens: int = 1024
     seed: int = 0
     normalization: int = 2
 

@@ -79,10 +79,20 @@ class Annotation:
     wire_version: int = WIRE_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["chunks"] = [[c.key, c.start, c.end] for c in self.chunks]
-        d["anchors"] = list(self.anchors)
-        return d
+        # Built by hand: dataclasses.asdict deep-copies every ChunkRef (~3 ms for 300 chunks,
+        # on the request's critical path in the proxy).
+        return {
+            "num_tokens": self.num_tokens,
+            "seq_hash": self.seq_hash,
+            "chunks": [[c.key, c.start, c.end] for c in self.chunks],
+            "anchors": list(self.anchors),
+            "namespace": self.namespace,
+            "model_fingerprint": self.model_fingerprint,
+            "policy": self.policy,
+            "policy_args": dict(self.policy_args),
+            "session": self.session,
+            "wire_version": self.wire_version,
+        }
 
     @classmethod
     def from_json(cls, d: Any) -> Annotation:

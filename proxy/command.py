@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import click
 
+from irminsul import SHIPPED_MODEL_DIR
 from irminsul.proxy.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_UPSTREAM_TIMEOUT_S, ProxyConfig
 from irminsul.proxy.identity import DEFAULT_TENANT_SALT
 
@@ -96,5 +98,9 @@ def proxy_command(log_level: str, **options) -> None:
         config = ProxyConfig(**options)
     except (TypeError, ValueError) as e:
         raise click.UsageError(str(e)) from e
+    if config.upstream is None and config.model_dir is None:
+        # Embedded mode on the shipped model: the proxy tokenizes, fingerprints and estimates
+        # FLOPs with the same model directory the engine serves.
+        config = dataclasses.replace(config, model_dir=str(SHIPPED_MODEL_DIR))
     upstream_ctx = None if config.upstream else _embedded_upstream(config)
     run_proxy(config, upstream_ctx=upstream_ctx)

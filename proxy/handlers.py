@@ -31,7 +31,7 @@ from irminsul.proxy.forward import (
     upstream_call,
 )
 from irminsul.proxy.identity import session_key, tenant_from_headers
-from irminsul.proxy.pipeline import analyze_quietly, annotation_json
+from irminsul.proxy.pipeline import analyze_quietly
 from irminsul.proxy.reorder import reorder_body
 from irminsul.proxy.replies import Reply, fail, read_all, read_json
 from irminsul.proxy.state import STATE_KEY, ProxyState
@@ -130,7 +130,7 @@ async def _serve(request: web.Request, st: ProxyState, api: str, ex: Exchange):
             prep = await analyze_quietly(pipeline.submit_prepare(
                 source, session=ex.session, namespace=namespace))
             if prep is not None:
-                annotation = annotation_json(prep.annotation)
+                annotation = prep.annotation.to_json()
                 # the rest (divergence, turn) only feeds the row: after the answer, like stock
                 ex.start_analysis = lambda: pipeline.submit_complete(
                     prep, source, session=ex.session, track_seen=False)

@@ -8,6 +8,8 @@ from typing import Any
 
 import xxhash
 
+from irminsul.proxy.reorder import VOLATILE_LINE
+
 SESSION_HEADERS = ("x-claude-code-session-id", "session-id", "x-session-id")
 SESSION_MAX_CHARS = 200
 # The salt keeps tenant digests from being compared across deployments; set your own with
@@ -23,7 +25,9 @@ def session_key(headers: Mapping[str, str], body: Any) -> str:
     2. the body's ``prompt_cache_key`` (OpenAI);
     3. the body's ``metadata.user_id`` (Anthropic; Claude Code puts its session there);
     4. ``derived-`` + xxh3_64 of the first system prompt and the first user message, which a
-       conversation resends unchanged every turn.
+       conversation resends every turn. The system prompt counts by its set of stable lines:
+       agents rewrite a timestamp/cwd header and reorder sections between turns, and that must
+       show as a miss cause within the session, not as a new session.
     """
     lowered = {str(k).lower(): v for k, v in reversed(list(headers.items()))}  # first one wins
     for name in SESSION_HEADERS:
@@ -38,7 +42,8 @@ def session_key(headers: Mapping[str, str], body: Any) -> str:
     if isinstance(meta, Mapping) and isinstance(meta.get("user_id"), str) and meta["user_id"]:
         return meta["user_id"][:SESSION_MAX_CHARS]
     system, user = _first_system_and_user(body)
-    digest = xxhash.xxh3_64_hexdigest(f"{system}\x00{user}".encode())
+    stable = "\n".join(sorted({ln for ln in system.splitlines() if not VOLATILE_LINE.search(ln)}))
+    digest = xxhash.xxh3_64_hexdigest(f"{stable}\x00{user}".encode())
     return f"derived-{digest}"
 
 

@@ -93,8 +93,10 @@ def build_report(db_path: str | Path, *, since: str | None = None, by: str = "se
                           " write one; pass its path with --db)") from None
     except (ValueError, sqlite3.DatabaseError) as e:
         raise ReportError(f"cannot read {db_path}: {e}") from None
-    if source is not None and source not in SOURCES:
-        raise ReportError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source is not None and source != "auto" and source not in SOURCES:
+        raise ReportError(f"unknown source {source!r}; choose one of auto, {', '.join(SOURCES)}")
+    if source == "auto":
+        source = _auto_source(log) if compare is None and by != "run" else None
     clauses, params = ["1"], []
     if cutoff is not None:
         clauses.append("epoch >= ?")
@@ -121,6 +123,13 @@ def build_report(db_path: str | Path, *, since: str | None = None, by: str = "se
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         log.close()
+
+
+def _auto_source(log: SavingsLog) -> str | None:
+    """A replay through the proxy is logged twice, once by each (same requests, two sources):
+    count proxy rows when there are any, else every row."""
+    row = log.db.conn.execute("SELECT 1 FROM requests WHERE source = 'proxy' LIMIT 1").fetchone()
+    return "proxy" if row else None
 
 
 def _totals(conn, where, params) -> Totals:
@@ -225,9 +234,12 @@ def report_main(db: str | Path, since: str | None = None, by: str = "session",
 @click.option("--compare", nargs=2, metavar="RUN_A RUN_B", default=None,
               help="Compare two replay runs family by family: tokens RUN_B recovers above"
                    " RUN_A's exact prefix, and both runs' TTFT p50/p95 with their ratio.")
-@click.option("--source", type=click.Choice(SOURCES), default=None,
+@click.option("--source", type=click.Choice(["auto", *SOURCES]), default="auto",
+              show_default=True,
               help="Only requests logged by this source (proxy traffic, replay runs, or audit"
-                   " requests); all of them when left out.")
+                   " requests). auto: the proxy's rows when it logged any (a replay through the"
+                   " proxy logs each request twice), else all rows; all rows with --by run or"
+                   " --compare.")
 def report_command(db, since, by, fmt, compare, source):
     """Show what the cache saved: tokens served from the exact prefix and from content reuse,
     recomputed and new; what content reuse recovered of the prefix cache's misses; why the

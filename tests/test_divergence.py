@@ -255,3 +255,17 @@ def test_tenant_hash_is_salted_and_never_the_key():
     assert tenant_from_headers({}) is None
     with pytest.raises(ValueError):
         tenant_hash("")
+
+
+def test_derived_session_survives_a_new_header_and_reordered_sections():
+    # Agents rewrite a timestamp line and reorder sections every turn; without a session
+    # header the derived key must still name the same conversation.
+    def body(system):
+        return {"messages": [{"role": "system", "content": system},
+                             {"role": "user", "content": "fix the bug"}]}
+
+    a = session_key({}, body("Current time: 2025-06-01 09:00:00\n# Tools\nread\n# Memory\nx"))
+    b = session_key({}, body("Current time: 2025-06-01 09:04:31\n# Memory\nx\n# Tools\nread"))
+    c = session_key({}, body("Current time: 2025-06-01 09:00:00\n# Tools\nwrite\n# Memory\nx"))
+    assert a == b
+    assert a != c

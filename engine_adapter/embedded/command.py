@@ -20,7 +20,7 @@ import irminsul
 
 from .config import DEVICES, DTYPES, POLICIES, EngineConfig
 
-DEFAULT_MODEL = Path(irminsul.__file__).parent / "examples" / "models" / "tiny-mla"
+DEFAULT_MODEL = irminsul.SHIPPED_MODEL_DIR
 # The CLI's defaults are EngineConfig's, read from the dataclass so the two cannot drift.
 DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -105,7 +105,8 @@ async def start_embedded(engine_config: EngineConfig, host: str = "127.0.0.1",
 @click.option("--pic-k", type=click.IntRange(0), default=DEFAULTS["pic_k"], show_default=True,
               help="pic: tokens recomputed at the start of each reused chunk.")
 @click.option("--blend-r", type=click.FloatRange(0.0, 1.0), default=DEFAULTS["blend_r"],
-              show_default=True, help="blend: fraction of each reused chunk's tokens recomputed.")
+              show_default=True, help="blend: fraction of all reused tokens recomputed (those whose layer-1 KV "
+                   "deviates most, as CacheBlend picks them).")
 def serve_command(model_dir, device, dtype, host, port, cache_bytes, policy, pic_k, blend_r):
     """Serve a local DeepSeek-V2-family checkpoint with the embedded engine.
 
