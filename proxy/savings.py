@@ -219,8 +219,18 @@ class SavingsLog:
         """Insert ``rows`` in one transaction: all of them, or none if any fails."""
         if not rows:
             return
-        with self.db.atomic():
+        # BEGIN IMMEDIATE takes the write lock first (waiting out the busy timeout). A deferred
+        # BEGIN would read the schema under a snapshot, then fail at once with "database is
+        # locked" if another process (a proxy and a replay share one log) committed meanwhile.
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             self.db["requests"].insert_all((r.to_record() for r in rows), batch_size=200)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def count(self) -> int:
         """Number of rows in the log."""

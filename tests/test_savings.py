@@ -295,3 +295,28 @@ async def test_a_full_queue_drops_and_counts_instead_of_blocking(tmp_path):
     log.close()
     assert writer.stats == (5, 4, 4, 0, 1)
     assert [r["turn"] for r in rows_in(tmp_path / "s.db")] == [0, 1, 2, 3]
+
+
+def test_two_processes_write_one_log_without_losing_rows(tmp_path):
+    # A proxy and `irminsul replay` log to the same file from two processes at once.
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "shared.db"
+    SavingsLog(path).close()
+    script = textwrap.dedent(f"""
+        from irminsul.proxy.savings import SavingsLog, RequestRow
+        log = SavingsLog({str(path)!r})
+        for i in range(150):
+            log.write([RequestRow(source="proxy", session=f"s{{i}}", model="m",
+                                  endpoint="/v1/chat/completions", upstream_mode="stock",
+                                  status=200)])
+        log.close()
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+             for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    with SavingsLog(path) as log:
+        assert log.count() == 450
