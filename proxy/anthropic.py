@@ -26,10 +26,12 @@ from irminsul.proxy.translation import (
     TokenCounts,
     arguments_to_input,
     input_to_arguments,
+    named_tool_choice,
     new_id,
     read_completion,
     require,
     text_content,
+    usage_of,
 )
 
 TOOL_ERROR_PREFIX = "[tool error] "
@@ -243,9 +245,7 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
     elif kind == "none":
         out["tool_choice"] = "none"
     elif kind == "tool":
-        require(isinstance(choice.get("name"), str), "tool_choice.name: field required",
-                "tool_choice.name")
-        out["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        out["tool_choice"] = named_tool_choice(choice)
     else:
         raise TranslationError(f"tool_choice.type: unknown value {kind!r}", param="tool_choice")
     if choice.get("disable_parallel_tool_use"):
@@ -272,9 +272,7 @@ def anthropic_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: i
 
 
 def counts_usage(counts: TokenCounts | None) -> dict[str, Any]:
-    counts = counts or TokenCounts(0, 0)
-    return anthropic_usage(counts.prompt_tokens, counts.completion_tokens, counts.cached_tokens,
-                           irminsul=counts.irminsul)
+    return usage_of(counts, anthropic_usage)
 
 
 def stop_fields(finish_reason: str | None, matched_stop: Any, stop_sequences,

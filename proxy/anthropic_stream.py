@@ -12,13 +12,13 @@ turn out not to be JSON, so such text reaches the client as the model wrote it.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from irminsul.proxy.anthropic import anthropic_usage, counts_usage, stop_fields
 from irminsul.proxy.errors import anthropic_error_body
 from irminsul.proxy.translation import (
-    ChunkDecoder,
+    Event,
     Piece,
+    PieceStream,
     ReasoningPiece,
     TextPiece,
     TokenCounts,
@@ -28,7 +28,6 @@ from irminsul.proxy.translation import (
 )
 
 log = logging.getLogger(__name__)
-Event = tuple[str, dict[str, Any]]  # (event name, data); encode with sse.encode_named
 
 
 def error_event(status: int, message: str) -> Event:
@@ -36,7 +35,7 @@ def error_event(status: int, message: str) -> Event:
     return "error", anthropic_error_body(status, message)
 
 
-class MessageStream:
+class MessageStream(PieceStream):
     """Stateful translator for one streamed response. Call :meth:`feed` per upstream chunk and
     :meth:`finish` once at the end; both return the events to send, in order.
 
@@ -47,16 +46,13 @@ class MessageStream:
 
     def __init__(self, *, model: str, stop_sequences=(), input_tokens: int | None = None,
                  cached_tokens: int = 0, message_id: str | None = None, ping: bool = True):
+        super().__init__()
         self.model = model
         self.message_id = message_id or new_id("msg_")
         self.stop_sequences = tuple(stop_sequences or ())
         self.input_tokens = input_tokens
         self.cached_tokens = cached_tokens
         self.ping = ping
-        self.decoder = ChunkDecoder()
-        self.started = False
-        self.finished = False
-        self.dropped_fragments = 0  # argument fragments of a tool block already closed
         self._next_index = 0
         self._open: tuple[str, int | None] | None = None  # (kind, upstream tool index)
         self._tool_blocks: dict[int, int] = {}  # upstream tool index -> block index
@@ -75,24 +71,12 @@ class MessageStream:
             events.append(("ping", {"type": "ping"}))
         return events
 
-    def feed(self, chunk: Any) -> list[Event]:
-        """Events for one ``chat.completion.chunk`` dict. Raises TranslationError(502) for a
-        chunk that is not an object."""
-        events = self.start()
-        for piece in self.decoder.feed(chunk):
-            events.extend(self._piece(piece))
-        return events
-
     def finish(self, counts: TokenCounts | None = None) -> list[Event]:
         """Closes the open block, then message_delta and message_stop. ``counts`` overrides the
         usage the upstream sent (the proxy decides what counts as cached)."""
         if self.finished:
             return []
-        events = self.start()
-        for piece in self.decoder.flush():
-            events.extend(self._piece(piece))
-        events.extend(self._close())
-        self.finished = True
+        events = self._drain()
         counts = counts or self.decoder.counts
         if counts is None:
             counts = TokenCounts(self.input_tokens or 0, 0, self.cached_tokens)

@@ -24,10 +24,12 @@ from irminsul.proxy.errors import TranslationError
 from irminsul.proxy.translation import (
     ChatRequest,
     TokenCounts,
+    named_tool_choice,
     new_id,
     read_completion,
     require,
     text_content,
+    usage_of,
 )
 
 SYSTEM_JOINER = "\n\n"
@@ -189,9 +191,7 @@ def _tool_choice(choice: Any) -> Any:
     if choice in ("auto", "none", "required"):
         return choice
     if isinstance(choice, Mapping) and choice.get("type") == "function":
-        require(isinstance(choice.get("name"), str), "tool_choice.name: field required",
-                "tool_choice.name")
-        return {"type": "function", "function": {"name": choice["name"]}}
+        return named_tool_choice(choice)
     raise TranslationError(f"tool_choice: unsupported value {choice!r}", param="tool_choice")
 
 
@@ -215,9 +215,7 @@ def responses_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: i
 
 
 def counts_usage(counts: TokenCounts | None) -> dict[str, Any]:
-    counts = counts or TokenCounts(0, 0)
-    return responses_usage(counts.prompt_tokens, counts.completion_tokens, counts.cached_tokens,
-                           irminsul=counts.irminsul)
+    return usage_of(counts, responses_usage)
 
 
 def status_of(finish_reason: str | None) -> tuple[str, dict | None]:

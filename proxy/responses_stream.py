@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
 
 from irminsul.proxy.responses import (
     counts_usage,
@@ -26,8 +25,9 @@ from irminsul.proxy.responses import (
     status_of,
 )
 from irminsul.proxy.translation import (
-    ChunkDecoder,
+    Event,
     Piece,
+    PieceStream,
     ReasoningPiece,
     TextPiece,
     TokenCounts,
@@ -37,7 +37,6 @@ from irminsul.proxy.translation import (
 )
 
 log = logging.getLogger(__name__)
-Event = tuple[str, dict[str, Any]]  # (event name, data); encode with sse.encode_named
 
 
 class _Item:
@@ -50,21 +49,18 @@ class _Item:
         self.text = ""
 
 
-class ResponsesStream:
+class ResponsesStream(PieceStream):
     """Stateful translator for one streamed response. :meth:`feed` per upstream chunk,
     :meth:`finish` once; both return the events to send, in order. ``request`` is the original
     Responses request body, echoed in the response objects."""
 
     def __init__(self, *, request: Mapping, model: str | None = None,
                  response_id: str | None = None, created_at: float | None = None):
+        super().__init__()
         self.request = request
         self.model = model or str(request.get("model") or "")
         self.response_id = response_id or new_id("resp_")
         self.created_at = int(created_at if created_at is not None else time.time())
-        self.decoder = ChunkDecoder()
-        self.started = False
-        self.finished = False
-        self.dropped_fragments = 0  # argument fragments of a function call already closed
         self._seq = 0
         self._output: list[dict] = []
         self._open: _Item | None = None
@@ -77,24 +73,12 @@ class ResponsesStream:
         return [self._event("response.created", response=self._response("in_progress")),
                 self._event("response.in_progress", response=self._response("in_progress"))]
 
-    def feed(self, chunk: Any) -> list[Event]:
-        """Events for one ``chat.completion.chunk`` dict. Raises TranslationError(502) for a
-        chunk that is not an object."""
-        events = self.start()
-        for piece in self.decoder.feed(chunk):
-            events.extend(self._piece(piece))
-        return events
-
     def finish(self, counts: TokenCounts | None = None) -> list[Event]:
         """Closes the open item, then response.completed (or response.incomplete). ``counts``
         overrides the usage the upstream sent."""
         if self.finished:
             return []
-        events = self.start()
-        for piece in self.decoder.flush():
-            events.extend(self._piece(piece))
-        events.extend(self._close())
-        self.finished = True
+        events = self._drain()
         status, details = status_of(self.decoder.finish_reason)
         usage = counts_usage(counts or self.decoder.counts)
         name = "response.completed" if status == "completed" else "response.incomplete"

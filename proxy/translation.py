@@ -1,11 +1,12 @@
 """Pieces shared by the Anthropic and Responses translators: the translated request, token
-counts, tool-argument text, and a decoder that turns OpenAI chat chunks into content pieces."""
+counts, tool-argument text, a decoder that turns OpenAI chat chunks into content pieces, and
+the chunk-feeding part of both stream translators."""
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from irminsul.proxy.errors import TranslationError
@@ -51,6 +52,14 @@ class TokenCounts(NamedTuple):
         )
 
 
+def usage_of(counts: TokenCounts | None, shape: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """``shape(prompt, completion, cached, irminsul=...)`` applied to ``counts`` (zeros for
+    None): the API's usage object for counts the proxy decided on."""
+    counts = counts or TokenCounts(0, 0)
+    return shape(counts.prompt_tokens, counts.completion_tokens, counts.cached_tokens,
+                 irminsul=counts.irminsul)
+
+
 def new_id(prefix: str) -> str:
     """A fresh object id such as ``msg_<24 hex>``."""
     return f"{prefix}{secrets.token_hex(12)}"
@@ -93,6 +102,14 @@ def require(cond: bool, message: str, param: str | None = None) -> None:
 
 
 # ---- chat completions, read -------------------------------------------------------------------
+
+
+def named_tool_choice(choice: Mapping) -> dict[str, Any]:
+    """The OpenAI tool_choice forcing the function ``choice["name"]`` (Anthropic's
+    {"type": "tool"} and the Responses API's {"type": "function"} both carry it)."""
+    require(isinstance(choice.get("name"), str), "tool_choice.name: field required",
+            "tool_choice.name")
+    return {"type": "function", "function": {"name": choice["name"]}}
 
 
 class ChatChoice(NamedTuple):
@@ -230,3 +247,37 @@ class ChunkDecoder:
         self._started.add(index)
         pieces: list[Piece] = [ToolStart(index, call_id or new_id("call_"), name)]
         return pieces + [ToolArgs(index, a) for a in args]
+
+
+Event = tuple[str, dict[str, Any]]  # (event name, data); encode with sse.encode_named
+
+
+class PieceStream:
+    """The part the Anthropic and Responses stream translators share: upstream chunks go
+    through a :class:`ChunkDecoder` and each piece becomes events. Subclasses provide
+    ``start()`` (the opening events, once), ``_piece(piece)`` and ``_close()`` (ends the open
+    block or item), each returning the events to send in order."""
+
+    def __init__(self) -> None:
+        self.decoder = ChunkDecoder()
+        self.started = False
+        self.finished = False
+        self.dropped_fragments = 0  # argument fragments of a tool call already closed
+
+    def feed(self, chunk: Any) -> list[Event]:
+        """Events for one ``chat.completion.chunk`` dict. Raises TranslationError(502) for a
+        chunk that is not an object."""
+        events = self.start()
+        for piece in self.decoder.feed(chunk):
+            events.extend(self._piece(piece))
+        return events
+
+    def _drain(self) -> list[Event]:
+        """The opening events if not yet sent, the decoder's held-back pieces, then the open
+        block closed. Sets ``finished``; the caller appends the closing events."""
+        events = self.start()
+        for piece in self.decoder.flush():
+            events.extend(self._piece(piece))
+        events.extend(self._close())
+        self.finished = True
+        return events

