@@ -21,7 +21,7 @@ print("ok")
 
 
 def test_proxy_side_imports_no_torch():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=False,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
