@@ -23,6 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "serve_command",
         "Serve a local DeepSeek-V2-family checkpoint with the embedded engine.",
     ),
+    "doctor": (
+        "irminsul.engine_adapter.doctor",
+        "doctor_command",
+        "Check a live server's content reuse: hits reported, counts honest, outputs agree.",
+    ),
     "report": ("irminsul.proxy.report", "report_command", "Show what the cache saved."),
     "replay": ("irminsul.proxy.replay", "replay_command", "Replay a trace against an endpoint."),
     "traces": ("irminsul.proxy.traces", "traces_command", "Generate agentic traffic traces."),

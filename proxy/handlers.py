@@ -18,7 +18,7 @@ import time
 
 from aiohttp import web
 
-from irminsul.engine_adapter.contract import ANNOTATION_KEY, SGLANG_HINT_KEY
+from irminsul.engine_adapter.contract import ANNOTATION_KEY
 from irminsul.proxy import shapes
 from irminsul.proxy.attribution import normalize_attribution
 from irminsul.proxy.errors import TranslationError, error_response, upstream_error_message
@@ -174,9 +174,10 @@ async def _native(request, st: ProxyState, api: str, ex: Exchange, raw: bytes, b
                   fwd: dict, annotation: dict | None):
     extra: dict = {}
     if annotation is not None:
+        # Top-level key only, on every endpoint. Not in /generate's kv_hints: SGLang 0.5.23
+        # types kv_hints as an envelope (managers/kv_hints.py) and refuses anything else;
+        # see engine_adapter/sglang/DESIGN.md.
         extra[ANNOTATION_KEY] = annotation
-        if api == "generate":
-            extra[SGLANG_HINT_KEY] = annotation
     drop_usage = False
     if ex.stream and api in ("chat", "completions"):
         opts = _usage_option(fwd)

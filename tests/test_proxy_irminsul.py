@@ -12,7 +12,12 @@ from support.proxy_harness import TINY_MODEL, read_rows, start_stack, tiny_token
 
 from irminsul.chunking.config import ChunkerConfig
 from irminsul.chunking.fingerprint import model_fingerprint
-from irminsul.engine_adapter.contract import SGLANG_HINT_KEY, Annotation, ReuseCounts
+from irminsul.engine_adapter.contract import (
+    ANNOTATION_KEY,
+    SGLANG_HINT_KEY,
+    Annotation,
+    ReuseCounts,
+)
 from irminsul.proxy.identity import tenant_hash
 
 CHUNKER = ChunkerConfig(min_tokens=8, avg_tokens=16, max_tokens=64)
@@ -74,7 +79,7 @@ async def test_annotation_attached_checked_and_savings_reported(aiohttp_server, 
     assert rows[1]["chunks_total"] - 2 <= rows[1]["chunks_hit"] < rows[1]["chunks_total"]
 
 
-async def test_generate_gets_kv_hints_and_anthropic_gets_savings(aiohttp_server, tok):
+async def test_generate_gets_the_annotation_not_kv_hints_and_anthropic_gets_savings(aiohttp_server, tok):
     fake = FakeSGLang(tokenizer=tok, irminsul=True, chunker=CHUNKER)
     stack = await start_stack(aiohttp_server, fake=fake, tokenizer=tok, db=None)
     text = "The quick brown fox jumps over the lazy dog. " * 20
@@ -83,7 +88,8 @@ async def test_generate_gets_kv_hints_and_anthropic_gets_savings(aiohttp_server,
             async with http.post(stack.base + "/generate", json={"text": prefix + text}) as r:
                 body = await r.json()
     ann = fake.annotations[-1]
-    assert fake.received[-1].body[SGLANG_HINT_KEY] == ann
+    assert fake.received[-1].body[ANNOTATION_KEY] == ann
+    assert SGLANG_HINT_KEY not in fake.received[-1].body  # SGLang would refuse it there
     assert Annotation.from_json(ann).matches(tok.encode_prompt("B. " + text).ids)
     meta = body["meta_info"]
     assert meta["cached_tokens"] == ReuseCounts.from_json(meta["irminsul"]).saved_tokens > 0
