@@ -28,11 +28,13 @@ DONE = b"data: [DONE]\n\n"
 TOOL = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
 
 
-def chat_completion(model: str, pieces: list[str], usage: dict, *, tool_calls=False) -> dict:
+def chat_completion(model: str, pieces: list[str], usage: dict, *, tool_calls=False,
+                    tool: dict = TOOL) -> dict:
+    """``tool``: the called function's name and JSON arguments (default: get_weather)."""
     message: dict = {"role": "assistant", "content": "".join(pieces)}
     if tool_calls:
         message = {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": dict(TOOL)}]}
+            {"id": "call_1", "type": "function", "function": dict(tool)}]}
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
         "created": int(time.time()), "model": model,
@@ -43,7 +45,7 @@ def chat_completion(model: str, pieces: list[str], usage: dict, *, tool_calls=Fa
 
 
 def chat_chunks(model: str, pieces: list[str], usage: dict, *, tool_calls=False,
-                include_usage=False) -> Events:
+                include_usage=False, tool: dict = TOOL) -> Events:
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
 
     def chunk(delta, finish=None, choices=True):
@@ -54,10 +56,10 @@ def chat_chunks(model: str, pieces: list[str], usage: dict, *, tool_calls=False,
     head = [sse(chunk({"role": "assistant", "content": ""}))]
     if tool_calls:
         body = [sse(chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                           "function": {"name": TOOL["name"],
+                                           "function": {"name": tool["name"],
                                                         "arguments": ""}}]})),
                 sse(chunk({"tool_calls": [{"index": 0,
-                                           "function": {"arguments": TOOL["arguments"]}}]}))]
+                                           "function": {"arguments": tool["arguments"]}}]}))]
     else:
         body = [sse(chunk({"content": p})) for p in pieces]
     tail = [sse(chunk({}, "tool_calls" if tool_calls else "stop"))]

@@ -59,6 +59,8 @@ class Knobs:
     die_after_chunks: int | None = None  # stream this many events, then drop the connection
     stream_forever: bool = False  # keep streaming (one event per chunk_delay) until cancelled
     tool_calls: bool = False  # answer chat requests with a get_weather tool call
+    tool: dict | None = None  # {"name", "arguments" (JSON text)} called instead of get_weather
+    tool_calls_left: int | None = None  # with tool_calls: this many tool calls, then text
     chunk_delay: float = 0.0  # seconds between streamed events
     reply: str = "Hello from the fake engine, one word per token."
 
@@ -263,16 +265,21 @@ class FakeSGLang:
 
     async def _answer(self, request, body, counts, pieces, whole, chunks):
         usage = self._usage(counts, len(pieces))
-        tools = self.knobs.tool_calls and whole is chat_completion
+        k = self.knobs
+        tools = k.tool_calls and whole is chat_completion and k.tool_calls_left != 0
+        extra = {"tool": k.tool} if tools and k.tool is not None else {}
+        if tools and k.tool_calls_left is not None:
+            k.tool_calls_left -= 1
         echo = body.get(ANNOTATION_KEY)
         if not body.get("stream"):
-            out = whole(self.model, pieces, usage, tool_calls=tools)
+            out = whole(self.model, pieces, usage, tool_calls=tools, **extra)
             if echo is not None:
                 out["irminsul_echo"] = echo
             return web.json_response(out)
         opts = body.get("stream_options") or {}
         return await self._stream(request, chunks(self.model, pieces, usage, tool_calls=tools,
-                                                  include_usage=bool(opts.get("include_usage"))))
+                                                  include_usage=bool(opts.get("include_usage")),
+                                                  **extra))
 
     async def _generate(self, request: web.Request):
         body, counts, pieces = await self._begin(request, "generate")
