@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "doctor_command",
         "Check a live server's content reuse: hits reported, counts honest, outputs agree.",
     ),
+    "eval": (
+        "irminsul.engine_adapter.embedded.quality",
+        "eval_command",
+        "Measure output quality of each reuse policy against a full prefill.",
+    ),
     "report": ("irminsul.proxy.report", "report_command", "Show what the cache saved."),
     "replay": ("irminsul.proxy.replay", "replay_command", "Replay a trace against an endpoint."),
     "traces": ("irminsul.proxy.traces", "traces_command", "Generate agentic traffic traces."),

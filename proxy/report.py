@@ -207,13 +207,24 @@ def _compare(conn, where, params, run_a: str, run_b: str) -> Comparison:
 
 def report_main(db: str | Path, since: str | None = None, by: str = "session",
                 fmt: str = "table", compare: tuple[str, str] | None = None,
-                source: str | None = None) -> str:
-    """The text `irminsul report` prints; problems become click errors naming them."""
+                source: str | None = None, plot: str | Path | None = None) -> str:
+    """The text `irminsul report` prints; problems become click errors naming them.
+    ``plot``: with ``compare``, also draw recovery per turn and TTFT into that image file."""
     if fmt not in FORMATS:
         raise click.BadParameter(f"choose one of {', '.join(FORMATS)}", param_hint="'--format'")
+    if plot is not None:
+        if not compare:
+            raise click.UsageError("--plot draws a comparison: give --compare RUN_A RUN_B too")
+        from irminsul.proxy.report_plot import load_pyplot
+
+        load_pyplot()  # a missing matplotlib fails before any work
     try:
         report = build_report(db, since=since, by=by, source=source,
                               compare=tuple(compare) if compare else None)
+        if plot is not None:
+            from irminsul.proxy.report_plot import plot_comparison, read_plot_data
+
+            plot_comparison(read_plot_data(db, *compare, since=since, source=source), plot)
     except ReportError as e:
         raise click.ClickException(str(e)) from None
     return render(report, fmt)
@@ -240,7 +251,11 @@ def report_main(db: str | Path, since: str | None = None, by: str = "session",
                    " requests). auto: the proxy's rows when it logged any (a replay through the"
                    " proxy logs each request twice), else all rows; all rows with --by run or"
                    " --compare.")
-def report_command(db, since, by, fmt, compare, source):
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="With --compare: also draw recovery per turn and the TTFT distribution of"
+                   " both runs into FILE (PNG, or the format its suffix names). Needs"
+                   " matplotlib: pip install 'irminsul[plot]'.")
+def report_command(db, since, by, fmt, compare, source, plot):
     """Show what the cache saved: tokens served from the exact prefix and from content reuse,
     recomputed and new; what content reuse recovered of the prefix cache's misses; why the
     prefix missed; TTFT with and without reuse; estimated compute and energy saved.
@@ -248,4 +263,6 @@ def report_command(db, since, by, fmt, compare, source):
     Token totals count only requests whose counters were all reported; every share names its
     denominator. Reads safely while the proxy is writing.
     """
-    click.echo(report_main(db, since, by, fmt, compare, source), nl=False)
+    click.echo(report_main(db, since, by, fmt, compare, source, plot), nl=False)
+    if plot is not None:
+        click.echo(f"plot written to {plot}", err=True)

@@ -129,3 +129,27 @@ def test_policy_args_validation():
                                 ("full", {"depth": 1}, "unknown policy argument")]:
         with pytest.raises(ValueError, match=match):
             policy_args(policy, args, d)
+
+
+def test_pic_carves_out_once_per_run_of_chunks_stored_side_by_side(prompt):
+    # Chunks 1-3 were computed after the same chunks they follow now (a run whose start moved
+    # behind a new chunk 0): only the run's start needs its attention restored.
+    refs = chunks_of(prompt)
+    store = ChunkStore(1 << 20)
+    for i in (1, 2, 3):
+        r = refs[i]
+        e = KVEntry(prompt[r.start : r.end], 100 + r.start, torch.zeros(2, 8, 4),
+                    torch.zeros(2, 8, 4), prev_key="old-header" if i == 1 else refs[i - 1].key)
+        store.put(r.key, e)
+    plan = make_plan(store, prompt, refs, policy="pic", args=PolicyArgs(k=3))
+    src = plan.source
+    assert (src[:8] == NEW).all()
+    assert (src[8:11] == RECOMPUTED).all() and (src[11:31] == REUSED).all()
+    assert src[31] == RECOMPUTED  # the last token: its logits are needed
+    # a carve-out longer than a chunk runs on into the next chunk of the run
+    plan = make_plan(store, prompt, refs, policy="pic", args=PolicyArgs(k=12))
+    assert (plan.source[8:20] == RECOMPUTED).all() and (plan.source[20:31] == REUSED).all()
+    # a stored left neighbour that differs from the current one starts a new run
+    store.lookup(refs[3].key, prompt[24:32]).prev_key = "something else"
+    plan = make_plan(store, prompt, refs, policy="pic", args=PolicyArgs(k=3))
+    assert (plan.source[24:27] == RECOMPUTED).all() and (plan.source[27:31] == REUSED).all()

@@ -20,6 +20,13 @@ class EngineConfig:
     the tiny model in float32, ~31 KiB for DeepSeek-V2-Lite in bfloat16). ``pic_k`` and
     ``blend_r`` are the defaults of the pic and blend policies; requests may override them.
     ``prefill_block`` caps the query tokens run together (bounds the attention mask memory).
+
+    ``self_check`` runs guard.py at start: δ-rotation against the model's RoPE (relative error
+    <= ``check_rope_tol``) and one probe prompt with ``policy`` against ``full`` (first-token
+    KL <= ``check_max_kl`` nats, greedy agreement over ``check_tokens`` tokens >=
+    ``check_min_agreement``); on failure the engine serves ``prefix`` only. The default
+    thresholds only catch gross breakage (the shipped random-weight model passes them); set
+    them per model from `irminsul eval quality`.
     """
 
     model_dir: str
@@ -33,6 +40,11 @@ class EngineConfig:
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)
     attn_implementation: str = "sdpa"  # the library's attention: sdpa|eager
     prefill_block: int = 4096
+    self_check: bool = True
+    check_rope_tol: float = 1e-5
+    check_max_kl: float = 1.0
+    check_min_agreement: float = 0.0
+    check_tokens: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_dir, str) or not self.model_dir:
@@ -44,13 +56,21 @@ class EngineConfig:
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
         for name, low in (("cache_bytes", 0), ("pic_k", 0), ("max_seq_len", 1),
-                          ("prefill_block", 1)):
+                          ("prefill_block", 1), ("check_tokens", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         r = self.blend_r
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
             raise ValueError(f"blend_r must be a number in [0, 1], got {r!r}")
+        if not isinstance(self.self_check, bool):
+            raise TypeError(f"self_check must be a bool, got {self.self_check!r}")
+        for name in ("check_rope_tol", "check_max_kl", "check_min_agreement"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if self.check_min_agreement > 1:
+            raise ValueError(f"check_min_agreement must be <= 1, got {self.check_min_agreement}")
         if isinstance(self.chunker, dict):
             object.__setattr__(self, "chunker", ChunkerConfig.from_json(self.chunker))
         if not isinstance(self.chunker, ChunkerConfig):

@@ -22,6 +22,7 @@ from ...chunking.keys import Chunker, chunk_key
 from ...chunking.tokenizer import ModelTokenizer
 from ..contract import Annotation, ChunkRef, ReuseCounts
 from .config import POLICIES, EngineConfig
+from .guard import REUSE_POLICIES, CheckResult, self_check
 from .model_runner import ModelRunner
 from .planner import PolicyArgs, make_plan, policy_args
 from .prefill import commit, run_prefill
@@ -102,6 +103,8 @@ class Engine:
         self._totals = dict.fromkeys(_COUNT_FIELDS, 0)
         self._prefill_seconds = 0.0
         self._generated = 0
+        # The start-up self-check (guard.py); a failed one makes every request use prefix.
+        self.check: CheckResult | None = self_check(self) if config.self_check else None
 
     # ---- public API ----------------------------------------------------------------------
     def generate(self, ids, params: SamplingParams, *, annotation: Annotation | None = None,
@@ -137,7 +140,7 @@ class Engine:
                 "engine": {
                     "model": self.model_name, "device": str(self.runner.device),
                     "dtype": str(self.runner.dtype).removeprefix("torch."),
-                    "policy": self.config.policy, "requests": self._requests,
+                    "policy": self.served_policy, "requests": self._requests,
                     "generated_tokens": self._generated,
                     "prefill_seconds": round(self._prefill_seconds, 6),
                     "annotations_used": self._annotations_used,
@@ -146,7 +149,13 @@ class Engine:
                 },
                 "reuse": dict(self._totals),
                 "store": self.store.stats()._asdict(),
+                "self_check": None if self.check is None else self.check.to_json(),
             }
+
+    @property
+    def served_policy(self) -> str:
+        """The default policy in force: the configured one, or prefix after a failed check."""
+        return self.config.policy if self.check is None else self.check.served_policy
 
     # ---- internals -----------------------------------------------------------------------
     def _generate(self, ids, params, annotation, anchors, namespace, name, args):
@@ -247,7 +256,10 @@ class Engine:
 
     def _policy(self, policy, args) -> tuple[str, PolicyArgs]:
         name = self.config.policy if policy is None else policy
-        return name, policy_args(name, args, self.defaults)
+        parsed = policy_args(name, args, self.defaults)
+        if name in REUSE_POLICIES and self.check is not None and not self.check.ok:
+            name = "prefix"  # the self-check found content reuse unsafe on this model
+        return name, parsed
 
 
 _FIRST_OUTPUT_SLOTS = 256

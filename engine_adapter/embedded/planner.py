@@ -9,7 +9,9 @@ Per token the source is one of
 * NEW        - no hit; computed.
 
 Policies: ``full`` computes everything; ``prefix`` uses the exact prefix only (a radix cache);
-``pic`` adds content hits and recomputes the first k tokens of each placed run; ``blend``
+``pic`` adds content hits and recomputes the first k tokens of each placed run; a run is a
+sequence of hit chunks each of which was stored with the same chunk before it as it has now
+(KVEntry.prev_key), so only where the left context changed is attention restored; ``blend``
 (CacheBlend) adds content hits, runs layer 0 for every non-prefix token and recomputes, in
 layers 1.., the fraction r of placed tokens whose layer-1 KV deviates most from the stored one
 (which ones is decided while running; how many is fixed here).
@@ -105,18 +107,26 @@ def make_plan(
     placements: list[Placement] = []
     hits: list[int] = []
     if policy in ("pic", "blend"):
+        carve_left = 0  # pic: tokens of the current run's carve-out still to recompute
         for i, ref in enumerate(chunks):
             if ref.end <= p_len:
                 continue
             entry = store.lookup(ref.key, ids[ref.start : ref.end])
             if entry is None:
+                carve_left = 0  # computed tokens: exact KV for whatever follows
                 continue
             hits.append(i)
             start = max(ref.start, p_len)
             placements.append(Placement(entry, start - ref.start, start, ref.end - start))
             source[start : ref.end] = REUSED
+            continues = (start == ref.start and i > 0 and entry.prev_key is not None
+                         and entry.prev_key == chunks[i - 1].key)
+            if not continues:
+                carve_left = args.k
             if policy == "pic":
-                source[start : min(start + args.k, ref.end)] = RECOMPUTED
+                n_re = min(carve_left, ref.end - start)
+                source[start : start + n_re] = RECOMPUTED
+                carve_left -= n_re
     if prefix.length >= n or source[n - 1] == REUSED:
         source[n - 1] = RECOMPUTED
     compute = np.flatnonzero(source >= RECOMPUTED).astype(np.int64)

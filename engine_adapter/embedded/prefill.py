@@ -88,7 +88,8 @@ def commit(store: ChunkStore, plan: Plan, outcome: PrefillOutcome, namespace: st
             if i not in hits or ref.end <= exact_end:
                 entry = KVEntry(plan.ids[ref.start : ref.end], ref.start,
                                 kv.c_kv[:, ref.start : ref.end].clone(),
-                                kv.k_pe[:, ref.start : ref.end].clone())
+                                kv.k_pe[:, ref.start : ref.end].clone(),
+                                prev_key=plan.chunks[i - 1].key if i else None)
         if entry is not None and ref.end <= exact_end and len(path) == i:
             path.append((ref.key, entry))
         if entry is not None and i not in hits:

@@ -214,7 +214,13 @@ class EngineServer:
     async def health(self, request: web.Request) -> web.Response:
         if not self.worker.alive():
             return web.json_response({"status": "engine worker stopped"}, status=503)
-        return web.Response(status=200)
+        # 200 means alive; a failed self-check (serving prefix only) is reported, not fatal.
+        check = getattr(self.engine, "check", None)
+        return web.json_response({
+            "status": "ok" if check is None or check.ok else "degraded",
+            "policy": getattr(self.engine, "served_policy", self.engine.config.policy),
+            "self_check": None if check is None else check.to_json(),
+        })
 
     async def models(self, request: web.Request) -> web.Response:
         card = {"id": self.engine.model_name, "object": "model", "created": self.created,
@@ -244,7 +250,8 @@ class EngineServer:
         return web.json_response(capabilities(
             engine="embedded", model=self.engine.model_name,
             model_fingerprint=self.engine.model_fingerprint, chunker=cfg.chunker.to_json(),
-            policies=POLICIES, default_policy=cfg.policy,
+            policies=POLICIES,
+            default_policy=getattr(self.engine, "served_policy", cfg.policy),
         ))
 
     async def flush_cache(self, request: web.Request) -> web.Response:

@@ -30,14 +30,19 @@ import torch
 class KVEntry:
     """Latent KV of tokens ``ids`` computed at positions position .. position + len - 1."""
 
-    __slots__ = ("c_kv", "content_key", "ids", "k_pe", "node", "position", "refs")
+    __slots__ = ("c_kv", "content_key", "ids", "k_pe", "node", "position", "prev_key", "refs")
 
-    def __init__(self, ids, position: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+    def __init__(self, ids, position: int, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                 prev_key: str | None = None):
         self.ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int32))
         if c_kv.shape[1] != len(self.ids) or k_pe.shape[1] != len(self.ids):
             raise ValueError("c_kv/k_pe must hold one row per token: [L, T, dim]")
         self.position = int(position)
         self.c_kv, self.k_pe = c_kv, k_pe
+        # Key of the chunk right before this one when it was computed (None: none, or
+        # unknown). A later prompt with that same chunk before it continues a run: the
+        # cross-chunk attention this chunk's KV saw at its start is the same again.
+        self.prev_key = prev_key
         self.refs = 0  # pins by in-flight requests
         self.content_key: str | None = None  # set while in the content index
         self.node: _Node | None = None  # set while in the prefix trie
