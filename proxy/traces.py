@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 import click
 
+from irminsul import SHIPPED_MODEL_DIR
+from irminsul.chunking.config import ChunkerConfig
 from irminsul.proxy.trace_api import ENDPOINTS, anthropic_body, openai_body
 from irminsul.proxy.trace_content import TOOL_NAMES
 from irminsul.proxy.trace_families import BUILDERS, FAMILIES, Agent, Ctx
@@ -251,14 +253,15 @@ def generate_command(family, sessions, turns, seed, header_tokens, header_positi
 @traces_command.command("recovery")
 @click.argument("trace", type=click.Path(dir_okay=False))
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False, exists=True),
-              default=str(Path(__file__).resolve().parent.parent / "examples" / "models"
-                          / "tiny-mla"),
+              default=str(SHIPPED_MODEL_DIR),
               help="Directory with the model's tokenizer.json and tokenizer_config.json "
                    "[default: the shipped tiny model's].")
 @click.option("--scope", type=click.Choice(("session", "global")), default="global",
               show_default=True, help="Exact prefix against the same session's earlier "
                                       "requests, or against all (a shared radix cache).")
-@click.option("--chunk-tokens", default="32/128/512", show_default=True, metavar="MIN/AVG/MAX",
+@click.option("--chunk-tokens", show_default=True, metavar="MIN/AVG/MAX",
+              # the product chunker's defaults, so the analysis matches what the proxy cuts
+              default="{0.min_tokens}/{0.avg_tokens}/{0.max_tokens}".format(ChunkerConfig()),
               help="The content-defined chunker's min/avg/max chunk length in tokens.")
 @click.option("--fixed-block", type=click.IntRange(min=1), default=256, show_default=True,
               help="Block length of the fixed-block baseline (LMCache's chunk size).")
@@ -277,7 +280,6 @@ def recovery_command(trace, tokenizer_dir, scope, chunk_tokens, fixed_block, car
     and for fixed blocks matched at any offset, against an oracle (every run of tokens seen
     before), as shares of the prompt, of the prefix cache's misses and of the oracle.
     """
-    from irminsul.chunking.config import ChunkerConfig
     from irminsul.proxy.oracle import OracleConfig
     from irminsul.proxy.oracle_report import recovery_report
     from irminsul.proxy.trace_io import TraceError

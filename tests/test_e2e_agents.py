@@ -14,7 +14,6 @@ tests/support/agents.py); when the install fails these tests fail with npm's out
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +31,7 @@ from support.agents import (
     short_reply_model,
 )
 from support.fake_sglang import FakeSGLang, Knobs
-from support.proxy_harness import TINY_MODEL, tiny_tokenizer
+from support.proxy_harness import TINY_MODEL, read_rows, tiny_tokenizer
 
 from irminsul.engine_adapter.embedded.config import EngineConfig
 from irminsul.engine_adapter.embedded.proxy_upstream import embedded_upstream_ctx
@@ -64,15 +63,6 @@ async def flushed(server) -> None:
     st = server.app[STATE_KEY]
     await st.drain()
     await st.writer.flush()
-
-
-def rows(db: Path) -> list[dict]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM requests ORDER BY id")]
-    finally:
-        conn.close()
 
 
 def session_report(db: Path, since: str, session: str) -> dict:
@@ -136,7 +126,7 @@ async def test_claude_code_through_embedded_engine(agents, aiohttp_server, tmp_p
     result = json.loads(first.stdout)
     assert result["session_id"] == sid and not result["is_error"], first.describe()
     await flushed(proxy)
-    logged = [r for r in rows(db) if r["status"] == 200]
+    logged = [r for r in read_rows(db) if r["status"] == 200]
     assert logged and {r["session"] for r in logged} == {sid}
     assert {r["endpoint"] for r in logged} == {"/v1/messages"}
     assert all(r["upstream_mode"] == "embedded" for r in logged)
@@ -149,7 +139,7 @@ async def test_claude_code_through_embedded_engine(agents, aiohttp_server, tmp_p
     await proxy.close()  # flushes the savings writer
     group = session_report(db, since, sid)
     assert group["exact_prefix_tokens"] + group["reused_tokens"] > 0, group
-    turn2 = [r for r in rows(db) if r["id"] > logged[-1]["id"]]
+    turn2 = [r for r in read_rows(db) if r["id"] > logged[-1]["id"]]
     assert turn2 and all(r["session"] == sid for r in turn2)
     # the resumed turn extends the first one's conversation: its first request starts with it
     assert turn2[0]["miss_cause"] in ("new_content_only", "history_rewritten"), turn2[0]
@@ -169,7 +159,7 @@ async def test_claude_code_tool_loop_stock(agents, aiohttp_server, tmp_path, tok
     # the tool result (not the call's arguments) carries the command's output
     assert outputs and MARKER in outputs[-1] and "echo" not in outputs[-1], outputs
     await proxy.close()
-    logged = rows(db)
+    logged = read_rows(db)
     assert [r["status"] for r in logged] == [200, 200], logged
     assert {r["session"] for r in logged} == {sid}
     assert {r["endpoint"] for r in logged} == {"/v1/messages"}
@@ -189,7 +179,7 @@ async def test_opencode_through_embedded_engine(agents, aiohttp_server, tmp_path
                             tmp_path / "work", RUN_TIMEOUT_S)
     assert first.returncode == 0, first.describe()
     await flushed(proxy)
-    logged = [r for r in rows(db) if r["status"] == 200]
+    logged = [r for r in read_rows(db) if r["status"] == 200]
     sessions = {r["session"] for r in logged}
     assert logged and len(sessions) == 1 and next(iter(sessions)).startswith("ses_"), logged
     assert {r["endpoint"] for r in logged} == {"/v1/chat/completions"}
@@ -200,7 +190,7 @@ async def test_opencode_through_embedded_engine(agents, aiohttp_server, tmp_path
                              tmp_path / "work", RUN_TIMEOUT_S)
     assert second.returncode == 0, second.describe()
     await proxy.close()
-    turn2 = [r for r in rows(db) if r["id"] > logged[-1]["id"]]
+    turn2 = [r for r in read_rows(db) if r["id"] > logged[-1]["id"]]
     assert turn2 and {r["session"] for r in turn2} == {sid}, turn2
     group = session_report(db, since, sid)
     assert group["exact_prefix_tokens"] + group["reused_tokens"] > 0, group
@@ -218,7 +208,7 @@ async def test_opencode_tool_loop_stock(agents, aiohttp_server, tmp_path, tok):
     outputs = tool_outputs(fake)
     assert outputs and MARKER in outputs[-1] and "echo" not in outputs[-1], outputs
     await proxy.close()
-    logged = rows(db)
+    logged = read_rows(db)
     assert [r["status"] for r in logged] == [200, 200], logged
     sessions = {r["session"] for r in logged}
     assert len(sessions) == 1 and next(iter(sessions)).startswith("ses_"), logged

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import click
 
+from ... import SHIPPED_MODEL_DIR
 from .config import POLICIES
 from .probe import PolicyRun, Prober, agreement, kl_divergence
 from .quality_workloads import WORKLOADS, Case
@@ -209,7 +210,7 @@ def _cell(label: str, workload: str, rows: list[CaseResult]) -> Cell:
 
 # ---- the command ----------------------------------------------------------------------------
 
-SHIPPED_MODEL = str(Path(__file__).resolve().parents[2] / "examples" / "models" / "tiny-mla")
+SHIPPED_MODEL = str(SHIPPED_MODEL_DIR)
 
 
 @click.group("eval")
