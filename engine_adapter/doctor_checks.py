@@ -35,7 +35,7 @@ from .contract import (
 )
 from .doctor_prompts import prompts
 
-REUSE_POLICIES = ("pic", "blend")
+REUSE_POLICIES = ("pic", "blend", "clip")
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
 
@@ -57,6 +57,7 @@ class DoctorConfig:
     policy: str | None = None
     pic_k: int | None = None
     blend_r: float | None = None
+    clip_r: float | None = None
     tokens: int = 16
     min_agreement: float = 0.5
     content_tokens: int = 2048
@@ -77,7 +78,7 @@ class DoctorConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if self.pic_k is not None and (not isinstance(self.pic_k, int) or self.pic_k < 0):
             raise ValueError(f"pic_k must be an integer >= 0, got {self.pic_k!r}")
-        for name in ("min_agreement", "blend_r"):
+        for name in ("min_agreement", "blend_r", "clip_r"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
@@ -182,7 +183,8 @@ class Doctor:
 
     async def generate(self, ids: np.ndarray, policy: str, caps: dict) -> Reply:
         cfg = self.cfg
-        args = {k: v for k, v in (("k", cfg.pic_k), ("r", cfg.blend_r)) if v is not None}
+        r = cfg.clip_r if policy == "clip" else cfg.blend_r
+        args = {k: v for k, v in (("k", cfg.pic_k), ("r", r)) if v is not None}
         body: dict[str, Any] = {
             "input_ids": ids.tolist(),
             "sampling_params": {"temperature": 0, "max_new_tokens": cfg.tokens,

@@ -79,6 +79,10 @@ def _embedded_upstream(config: ProxyConfig):
 @click.option("--tenant-salt", envvar="IRMINSUL_TENANT_SALT", default=DEFAULT_TENANT_SALT,
               show_default=True,
               help="Salt of the API-key hash logged as the tenant (env IRMINSUL_TENANT_SALT).")
+@click.option("--audit-rate", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Embedded engine only: share of requests served with reused KV that the "
+                   "engine re-runs with full in idle time, recording KL and agreement in --db "
+                   "(see `irminsul serve --audit-rate`).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, help="Log verbosity.")
 def proxy_command(log_level: str, **options) -> None:

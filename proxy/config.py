@@ -58,6 +58,7 @@ class ProxyConfig:
     probe_timeout: float = 10.0  # per start-up probe request
     seen_chunk_tokens: int = 8_000_000  # tokens of chunks remembered for potential reuse (32 MB)
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)  # stock mode; irminsul: engine's
+    audit_rate: float = 0.0  # embedded engine only: share of reusing requests re-run with full
 
     def __post_init__(self):
         if self.upstream is not None:
@@ -78,6 +79,9 @@ class ProxyConfig:
             raise ValueError(f"seen_chunk_tokens must be an int >= 0, got {self.seen_chunk_tokens}")
         if not self.tenant_salt:
             raise ValueError("tenant_salt must not be empty")
+        r = self.audit_rate
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
+            raise ValueError(f"audit_rate must be a number in [0, 1], got {r!r}")
         if not isinstance(self.chunker, ChunkerConfig):
             raise TypeError("chunker must be a ChunkerConfig")
         for name in ("db", "record", "model_dir", "tokenizer"):

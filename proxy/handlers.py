@@ -31,6 +31,7 @@ from irminsul.proxy.forward import (
     upstream_call,
 )
 from irminsul.proxy.identity import session_key, tenant_from_headers
+from irminsul.proxy.json_codec import dumps, dumps_compact
 from irminsul.proxy.pipeline import analyze_quietly
 from irminsul.proxy.reorder import reorder_body
 from irminsul.proxy.replies import Reply, fail, read_all, read_json
@@ -64,9 +65,11 @@ def api_handler(api: str):
                       t0=time.monotonic())
         st.metrics.in_flight.inc()
         try:
-            return await _serve(request, st, api, ex)
-        except Reply as r:
-            return r.response
+            try:
+                resp = await _serve(request, st, api, ex)
+            except Reply as r:
+                resp = r.response
+            return await _sent(request, resp)
         except asyncio.CancelledError:
             ex.fail(CLIENT_CLOSED, "client disconnected")
             raise
@@ -81,6 +84,20 @@ def api_handler(api: str):
             st.finish(ex)
 
     return handler
+
+
+async def _sent(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    """``resp``, written to the client already. The row's deferred analysis starts when the
+    handler returns (ProxyState.finish): sending first keeps that CPU-bound work (and its hold
+    on the GIL) from delaying the answer, which aiohttp would otherwise write only after it.
+    A client gone by now is aiohttp's case as before (it would have failed the same write)."""
+    if not resp.prepared:
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except ConnectionError:
+            pass
+    return resp
 
 
 def _rewrite(st: ProxyState, api: str, body: dict, stock: bool) -> dict:
@@ -164,10 +181,13 @@ def _encode(raw: bytes, body: dict, fwd: dict, extra: dict) -> bytes:
         if head.endswith(b"}"):
             if not extra:
                 return raw
-            items = json.dumps(extra, ensure_ascii=False, separators=(",", ":"))[1:-1]
-            sep = b"," if body else b""
-            return head[:-1] + sep + items.encode() + b"}"
-    return json.dumps({**fwd, **extra}, ensure_ascii=False).encode()
+            parts = [memoryview(head)[:-1], b"," if body else b""]
+            for i, (k, v) in enumerate(extra.items()):
+                # the annotation is the proxy's own and float-free: no walk needed
+                value = dumps_compact(v) if k == ANNOTATION_KEY else dumps(v)
+                parts += [b"," if i else b"", dumps_compact(k), b":", value]
+            return b"".join([*parts, b"}"])
+    return dumps({**fwd, **extra})
 
 
 async def _native(request, st: ProxyState, api: str, ex: Exchange, raw: bytes, body: dict,
@@ -208,7 +228,7 @@ async def _whole(resp, api: str, ex: Exchange, rewrite: bool) -> web.Response:
         return web.Response(status=resp.status, body=raw, headers=headers)
     ex.finish(200)
     try:
-        payload = json.loads(raw)
+        payload = json.loads(raw)  # not json_codec: answers are many small objects (logprobs)
     except ValueError:
         return web.Response(status=200, body=raw, headers=headers)
     if not isinstance(payload, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import xxhash
@@ -42,9 +43,17 @@ def session_key(headers: Mapping[str, str], body: Any) -> str:
     if isinstance(meta, Mapping) and isinstance(meta.get("user_id"), str) and meta["user_id"]:
         return meta["user_id"][:SESSION_MAX_CHARS]
     system, user = _first_system_and_user(body)
-    stable = "\n".join(sorted({ln for ln in system.splitlines() if not VOLATILE_LINE.search(ln)}))
-    digest = xxhash.xxh3_64_hexdigest(f"{stable}\x00{user}".encode())
+    digest = xxhash.xxh3_64_hexdigest(f"{_stable_lines(system)}\x00{user}".encode())
     return f"derived-{digest}"
+
+
+@lru_cache(maxsize=64)
+def _stable_lines(system: str) -> str:
+    """The system prompt's distinct stable lines, sorted, one per line. Cached by the whole
+    text: agents resend the same system prompt every turn, and scanning it for volatile
+    lines costs ~0.3 us per character (4 ms for a 15K-character prompt, on the request's
+    critical path), while the cache lookup is a hash and a compare."""
+    return "\n".join(sorted({ln for ln in system.splitlines() if not VOLATILE_LINE.search(ln)}))
 
 
 def _first_system_and_user(body: Mapping) -> tuple[str, str]:

@@ -121,3 +121,34 @@ def m002_request_indexes(db: Database) -> None:
     db.execute("CREATE INDEX idx_requests_run_family ON requests (run, family)")
     db.execute("CREATE INDEX idx_requests_session ON requests (session)")
     db.execute("CREATE INDEX idx_requests_model ON requests (model)")
+
+
+@migration
+def m003_audits(db: Database) -> None:
+    # The engine's quality audits (proxy/audits.py): a served request re-run with `full`.
+    db.execute(
+        """
+        CREATE TABLE audits (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            epoch REAL NOT NULL,
+            request_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            policy TEXT NOT NULL,
+            args TEXT NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            exact_prefix_tokens INTEGER NOT NULL,
+            reused_tokens INTEGER NOT NULL,
+            recomputed_tokens INTEGER NOT NULL,
+            new_tokens INTEGER NOT NULL,
+            compared_tokens INTEGER NOT NULL CHECK (compared_tokens >= 1),
+            kl REAL NOT NULL CHECK (kl >= 0),
+            agreement REAL NOT NULL CHECK (agreement BETWEEN 0 AND 1),
+            verdict TEXT NOT NULL CHECK (verdict IN ('pass', 'fail', 'fallback')),
+            audit_ms REAL NOT NULL,
+            CHECK (exact_prefix_tokens + reused_tokens + recomputed_tokens + new_tokens
+                   = prompt_tokens)
+        )
+        """
+    )
+    db.execute("CREATE INDEX idx_audits_epoch ON audits (epoch)")

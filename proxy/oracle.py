@@ -83,6 +83,17 @@ class Recovery(NamedTuple):
     oracle: int
 
 
+class Detail(NamedTuple):
+    """One analysed request token by token, for proxy/oracle_causes.py."""
+
+    ids: np.ndarray
+    exact: int  # exact-prefix tokens
+    refs: tuple  # ChunkRefs
+    hits: tuple[bool, ...]  # per chunk: key and token IDs seen in an earlier request
+    stored_prev: tuple[str | None, ...]  # per hit chunk: key stored before it (engine's prev_key)
+    covered: np.ndarray  # bool per token: inside a run of >= oracle_min_tokens seen before
+
+
 class Shares(NamedTuple):
     of_prompt: float
     of_misses: float  # of prompt - exact prefix: what the prefix cache computes
@@ -195,6 +206,8 @@ class Analyzer:
         self.history: dict[str, list[np.ndarray]] = {}
         self.chunks: dict[str, bytes] = {}  # chunk key -> token bytes (compared on a hit)
         self.sources: dict[str, tuple[int, int]] = {}  # key -> (request, chunk) first stored
+        self.prev_keys: dict[str, str | None] = {}  # key -> key of the chunk before it, stored
+        self.last: Detail | None = None  # the latest request, token by token (oracle_causes)
         self.requests = 0
         self.blocks: set[bytes] = set()
         self.grams = _HashSet()
@@ -215,10 +228,12 @@ class Analyzer:
         content = content_net = run_net = hit = 0
         refs = self.chunker.split(ids, anchors=item.anchors)
         prev_source = None
+        hits: list[bool] = []
         for c in refs:
             part = data[4 * c.start : 4 * c.end]
             source = None
-            if self.chunks.get(c.key) == part:
+            hits.append(self.chunks.get(c.key) == part)
+            if hits[-1]:
                 hit += 1
                 source = self.sources[c.key]
                 beyond = c.end - max(c.start, exact)
@@ -240,12 +255,16 @@ class Analyzer:
         grams = gram_hashes(ids, m)
         covered = _cover(n, np.flatnonzero(self.grams.contains(grams)), m)
         oracle = int(covered[exact:].sum())
+        self.last = Detail(ids, exact, refs, tuple(hits),
+                           tuple(self.prev_keys.get(c.key) if h else None
+                                 for c, h in zip(refs, hits)), covered)
         # remember this request only now: reuse comes from earlier requests
         self.history.setdefault(item.session, []).append(ids)
         for k, c in enumerate(refs):
             if c.key not in self.chunks:
                 self.chunks[c.key] = data[4 * c.start : 4 * c.end]
                 self.sources[c.key] = (self.requests, k)
+                self.prev_keys[c.key] = refs[k - 1].key if k else None
         self.requests += 1
         self.blocks.update(blocks)
         if len(grams):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
 from irminsul.proxy import shapes
 from irminsul.proxy.errors import error_response
 from irminsul.proxy.exchange import Exchange
 from irminsul.proxy.forward import STREAM_ERRORS, BodyTooLarge, failure_of, read_body
+from irminsul.proxy.json_codec import loads
 from irminsul.proxy.state import ProxyState
 
 
@@ -34,7 +33,7 @@ async def read_json(request: web.Request, st: ProxyState, api: str, ex: Exchange
     except BodyTooLarge as e:
         raise fail(api, ex, 413, str(e)) from None
     try:
-        body = json.loads(raw)
+        body = loads(raw)  # json.loads, faster (proxy/json_codec.py)
     except ValueError as e:
         raise fail(api, ex, 400, f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):

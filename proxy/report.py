@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from irminsul.proxy.audits import audit_summary
 from irminsul.proxy.report_model import (
     Comparison,
     FamilyComparison,
@@ -118,6 +119,7 @@ def build_report(db_path: str | Path, *, since: str | None = None, by: str = "se
             ttft=_ttft_split(conn, where, params),
             miss_causes=_miss_causes(conn, where, params),
             groups=_groups(conn, where, params, GROUP_KEYS[by]),
+            audits=audit_summary(conn, cutoff.timestamp() if cutoff else None),
         )
     finally:
         if conn.in_transaction:

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from irminsul.proxy.audits import AuditGroup
+
 PROMPT = "prompt tokens"
 MISSES = "exact-prefix misses (prompt - exact-prefix tokens)"
 
@@ -169,3 +171,4 @@ class Report:
     miss_causes: tuple[MissCause, ...] = ()
     groups: tuple[GroupRow, ...] = ()
     comparison: Comparison | None = None
+    audits: tuple[AuditGroup, ...] = ()  # per model and policy, then "(all)"; () when none

@@ -75,6 +75,8 @@ def to_json(r: Report) -> dict[str, Any]:
         groups=[{"key": g.key, **_totals_json(g.totals), "ttft_ms": g.ttft._asdict()}
                 for g in r.groups],
     )
+    if r.audits:
+        out["audits"] = [a._asdict() for a in r.audits]
     return out
 
 
@@ -203,6 +205,14 @@ def _table(r: Report) -> str:
                    _ms(g.ttft.p50), _ms(g.ttft.p95)] for g in r.groups])
     out.append(f"  reused/prompt = content-reused / {PROMPT}; reused/misses = content-reused"
                f" / {MISSES}")
+    if r.audits:
+        out += ["", ("quality audits (served requests re-run with full; KL(full || served)"
+                     " at the first generated position, greedy agreement over up to 32 tokens):")]
+        out += _grid(["model", "policy", "audits", "KL mean", "KL max", "agree mean",
+                      "agree min", "failed", "fallbacks"],
+                     [[a.model, a.policy, _n(a.audits), f"{a.kl_mean:.4f}", f"{a.kl_max:.4f}",
+                       f"{a.agreement_mean:.3f}", f"{a.agreement_min:.3f}", _n(a.failed),
+                       _n(a.fallbacks)] for a in r.audits])
     return "\n".join(out) + "\n"
 
 

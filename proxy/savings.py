@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from sqlite_utils import Database
 
 from irminsul.engine_adapter.contract import ReuseCounts
+from irminsul.proxy.audits import AuditRow
 from irminsul.proxy.migrations import migrate
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class RequestRow:
     ``tenant_hash()`` digest, so an API key cannot be logged by mistake. ``error`` is cut to
     ``ERROR_MAX_CHARS``.
     """
+
+    table: ClassVar[str] = "requests"
 
     session: str
     model: str
@@ -215,17 +218,22 @@ class SavingsLog:
             conn.close()
             raise
 
-    def write(self, rows: Sequence[RequestRow]) -> None:
-        """Insert ``rows`` in one transaction: all of them, or none if any fails."""
+    def write(self, rows: Sequence[RequestRow | AuditRow]) -> None:
+        """Insert ``rows`` (each into its type's table) in one transaction: all of them, or
+        none if any fails."""
         if not rows:
             return
+        tables: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            tables.setdefault(r.table, []).append(r.to_record())
         # BEGIN IMMEDIATE takes the write lock first (waiting out the busy timeout). A deferred
         # BEGIN would read the schema under a snapshot, then fail at once with "database is
         # locked" if another process (a proxy and a replay share one log) committed meanwhile.
         conn = self.db.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            self.db["requests"].insert_all((r.to_record() for r in rows), batch_size=200)
+            for table, records in tables.items():
+                self.db[table].insert_all(records, batch_size=200)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -270,8 +278,11 @@ class WriterStats(NamedTuple):
 _STOP = object()
 
 
+ROW_TYPES = (RequestRow, AuditRow)  # what a SavingsWriter takes
+
+
 class SavingsWriter:
-    """Writes RequestRows from a background thread in batches; ``submit`` never blocks.
+    """Writes RequestRows (and the engine's AuditRows) from a background thread in batches; ``submit`` never blocks.
 
     A batch is written when it holds ``batch_size`` rows or its first row has waited
     ``flush_interval_s``. A failed batch is logged and counted, and the writer goes on.
@@ -295,10 +306,10 @@ class SavingsWriter:
         with self._lock:
             return WriterStats(**self._counts)
 
-    def submit(self, row: RequestRow) -> None:
+    def submit(self, row: RequestRow | AuditRow) -> None:
         """Queue ``row`` for writing (thread-safe, non-blocking). Raises after close()."""
-        if not isinstance(row, RequestRow):
-            raise TypeError(f"expected a RequestRow, got {type(row).__name__}")
+        if not isinstance(row, ROW_TYPES):
+            raise TypeError(f"expected a RequestRow or AuditRow, got {type(row).__name__}")
         with self._lock:
             if self._closed:
                 raise RuntimeError("SavingsWriter is closed")
@@ -343,7 +354,7 @@ class SavingsWriter:
         await asyncio.to_thread(self.close_sync)
 
     def _run(self) -> None:
-        batch: list[RequestRow] = []
+        batch: list[RequestRow | AuditRow] = []
         deadline = 0.0
         while True:
             timeout = max(0.0, deadline - _time.monotonic()) if batch else None
@@ -351,7 +362,7 @@ class SavingsWriter:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = None  # the oldest row waited flush_interval_s
-            if isinstance(item, RequestRow):
+            if isinstance(item, ROW_TYPES):
                 if not batch:
                     deadline = _time.monotonic() + self.config.flush_interval_s
                 batch.append(item)
@@ -364,7 +375,7 @@ class SavingsWriter:
             elif item is _STOP:
                 return
 
-    def _write(self, batch: list[RequestRow]) -> None:
+    def _write(self, batch: list[RequestRow | AuditRow]) -> None:
         if not batch:
             return
         try:

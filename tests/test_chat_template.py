@@ -105,10 +105,15 @@ def test_sections_are_anchored_inside_content_only(tiny):
     )
     starts = {tiny.decode(p.ids[a : a + 3], skip_special_tokens=False) for a in p.anchors}
     heads = [tiny.decode(p.ids[a:], skip_special_tokens=False) for a in p.anchors]
-    for line in ("# Rules", "<env>", "---\nend", "## Step 1"):
+    for line in ("# Rules", "<env>", "</env>", "---\nend", "## Step 1"):
         assert sum(h.startswith(line) for h in heads) == 1, (line, starts)
-    assert not any(h.startswith(("</env>", "#nospace", "# Tools")) for h in heads)
+    assert not any(h.startswith(("#nospace", "# Tools")) for h in heads)
     assert "\n# Tools\n" in p.text  # the template's own heading is glue, not a section
+    # ... but the tool block (>= TEMPLATE_BLOCK_TOKENS of glue) is a segment of its own:
+    # a boundary where the system content ends, and none where a user content ends
+    ends = [tiny.decode(p.ids[:a], skip_special_tokens=False) for a in p.anchors]
+    assert sum(e.endswith("#nospace") for e in ends) == 1
+    assert not any(e.endswith("do") for e in ends)
 
 
 def test_warm_turn_only_encodes_the_new_message(deepseek):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from support.fake_sglang import FakeSGLang
-from support.models import yarn_model  # noqa: F401  (fixture)
+from support.models import aux_model, yarn_model  # noqa: F401  (fixtures)
 
 from irminsul.chunking.config import ChunkerConfig
 from irminsul.engine_adapter.contract import ReuseCounts
@@ -80,6 +81,32 @@ async def test_embedded_engine_passes_every_check(aiohttp_server, engine, yarn_m
     assert {name for name, s in got.items() if s == PASS} >= expected_pass, result.output
     assert got["model fingerprint"] == ("PASS" if model_args else "SKIP")
     assert "all checks passed" in result.output
+
+
+async def test_clip_is_checked_where_the_server_has_an_aux_model(aiohttp_server, engine,
+                                                                 yarn_model, aux_model,  # noqa: F811
+                                                                 tmp_path):
+    root = tmp_path / "with-aux"  # the tiny model with the auxiliary one in its aux/ folder
+    root.mkdir()
+    for f in Path(yarn_model).iterdir():
+        (root / f.name).symlink_to(f)
+    (root / "aux").symlink_to(aux_model, target_is_directory=True)
+    with_aux = Engine(EngineConfig(model_dir=str(root), device="cpu", max_seq_len=2048,
+                                   chunker=CHUNKER))
+    server = await aiohttp_server(create_engine_app(with_aux))
+    result = await doctor("--upstream", str(server.make_url("")), "--policy", "clip",
+                          "--clip-r", "0.2", "--content-tokens", "400", "--tokens", "8",
+                          "--min-agreement", "0")
+    assert result.exit_code == 0, result.output
+    assert statuses(result.output)["greedy agreement clip vs full"] == PASS
+    assert "(policy clip)" in result.output
+    # The engine without one leaves clip out of its capabilities: the probe says so.
+    server = await aiohttp_server(create_engine_app(engine))
+    result = await doctor("--upstream", str(server.make_url("")), "--policy", "clip",
+                          "--content-tokens", "200", "--tokens", "4", "--min-agreement", "0")
+    assert result.exit_code == 1
+    assert statuses(result.output) == {"capability probe": FAIL}
+    assert "lack ['clip']" in result.output
 
 
 async def test_repeated_seed_fails_the_freshness_check(aiohttp_server, engine):

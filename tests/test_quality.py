@@ -1,6 +1,6 @@
 """The quality harness (`irminsul eval quality`) checks its own invariants on a tiny random
-model: full against itself, pic recomputing every reused token and blend r=1 must equal full;
-the JSON report has every policy x workload cell. Random weights: no quality claims here."""
+model: full against itself, pic recomputing every reused token, blend r=1 and clip r=1 must equal
+full; the JSON report has every policy x workload cell. Random weights: no quality claims here."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from support.models import yarn_model  # noqa: F401  (fixture)
+from support.models import aux_model, yarn_model  # noqa: F401  (fixtures)
 
 from irminsul.engine_adapter.embedded.config import EngineConfig
 from irminsul.engine_adapter.embedded.engine import Engine
@@ -93,10 +93,12 @@ def test_needle_retrieval_is_relative_to_full(report):
 
 
 def test_parse_policies_skips_unknown_and_rejects_malformed():
-    specs, skipped = parse_policies(["pic:k=4", "blend:r=10%", "clip:r=0.1", "pic:k=4", " "])
+    specs, skipped = parse_policies(["pic:k=4", "blend:r=10%", "magic:r=0.1", "pic:k=4", " ",
+                                     "clip:r=5%"])
     assert [(s.label, s.policy, s.args) for s in specs] == [
-        ("pic:k=4", "pic", {"k": 4}), ("blend:r=10%", "blend", {"r": 0.1})]
-    assert len(skipped) == 1 and "clip" in skipped[0] and "not implemented" in skipped[0]
+        ("pic:k=4", "pic", {"k": 4}), ("blend:r=10%", "blend", {"r": 0.1}),
+        ("clip:r=5%", "clip", {"r": 0.05})]
+    assert len(skipped) == 1 and "magic" in skipped[0] and "not implemented" in skipped[0]
     for bad in ("pic:k=x", "blend:q=1", "pic:k"):
         with pytest.raises(ValueError, match="expected NAME"):
             parse_policies([bad])
@@ -155,3 +157,20 @@ def test_workloads_are_seeded_and_move_the_needle(engine):
         assert warm.split("\n")[0] != prompt.split("\n")[0]  # a new header
     with pytest.raises(ValueError, match="workloads must be"):
         WorkloadConfig(workloads=("chat",))
+
+
+
+def test_clip_rows_run_with_an_aux_model(yarn_model, aux_model):  # noqa: F811
+    """With an auxiliary model the harness runs clip: r=1 equals full, r=10% recomputes about
+    a tenth of the reusable tokens, and the invariants of every row hold."""
+    eng = Engine(EngineConfig(model_dir=str(yarn_model), device="cpu", dtype="float32",
+                              self_check=False, clip_model_dir=str(aux_model)))
+    cases = build_cases(eng.tokenizer, WorkloadConfig(workloads=("needle", "agentic"), cases=1,
+                                                      docs=3, doc_tokens=40, turns=2))
+    specs, _ = parse_policies(["full", "clip:r=1.0", "clip:r=10%"])
+    rep = evaluate(eng, cases, specs, new_tokens=4)
+    for workload in ("needle", "agentic"):
+        exact = cell(rep, "clip:r=1.0", workload)
+        assert exact.agreement == 1.0 and exact.kl_max < 1e-6 and exact.recompute_ratio == 1.0
+        assert 0.05 < cell(rep, "clip:r=10%", workload).recompute_ratio < 0.2
+    assert all(r.reused > 0 for r in rep.results if r.policy == "clip:r=10%")

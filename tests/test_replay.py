@@ -95,8 +95,6 @@ async def test_through_the_proxy_reuse_matches_the_oracle(aiohttp_server, tmp_pa
     chunker = ChunkerConfig(min_tokens=16, avg_tokens=64, max_tokens=256)
     fake = FakeSGLang(tokenizer=tok, irminsul=True, chunker=chunker)
     stack = await start_stack(aiohttp_server, fake=fake, tokenizer=tok, db=None)
-    # rag: no tools, so no chunk repeats inside one prompt (the fake, unlike the embedded
-    # engine, would count such a repeat as reused within the request)
     requests = load_trace(small_trace(tmp_path, "rag", sessions=2, turns=3, docs=3))
     db = tmp_path / "proxy-replay.db"
     summary = await replay_to_db(requests, ReplayConfig(stack.base, "via-proxy", concurrency=1,

@@ -19,10 +19,13 @@ from aiohttp import web
 import irminsul
 
 from .config import DEVICES, DTYPES, POLICIES, EngineConfig
+from .gate import BUILTIN, GATE_FILE
 
 DEFAULT_MODEL = irminsul.SHIPPED_MODEL_DIR
 # The CLI's defaults are EngineConfig's, read from the dataclass so the two cannot drift.
 DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+# The quality thresholds default to the model's gate file (gate.py).
+_GATE_DEFAULT = "MODEL/" + GATE_FILE + "'s gate, else {}"
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -101,13 +104,49 @@ async def start_embedded(engine_config: EngineConfig, host: str = "127.0.0.1",
               help="How a content hit is placed: full (recompute everything), prefix (exact "
                    "prefix only), pic (δ-rotate, recompute the first K tokens of each hit "
                    "chunk), blend (δ-rotate, recompute the R fraction of most-deviating "
-                   "tokens). Requests may override it.")
+                   "tokens), clip (δ-rotate, recompute the R fraction chosen by an auxiliary "
+                   "model's attention; needs --clip-model or MODEL/aux). Requests may override "
+                   "it.")
 @click.option("--pic-k", type=click.IntRange(0), default=DEFAULTS["pic_k"], show_default=True,
               help="pic: tokens recomputed at the start of each reused chunk.")
 @click.option("--blend-r", type=click.FloatRange(0.0, 1.0), default=DEFAULTS["blend_r"],
               show_default=True, help="blend: fraction of all reused tokens recomputed (those whose layer-1 KV "
                    "deviates most, as CacheBlend picks them).")
-def serve_command(model_dir, device, dtype, host, port, cache_bytes, policy, pic_k, blend_r):
+@click.option("--clip-r", type=click.FloatRange(0.0, 1.0), default=DEFAULTS["clip_r"],
+              show_default=True, help="clip: fraction of all reused tokens recomputed (windows "
+                                      "the auxiliary model's attention ranks highest, as "
+                                      "CacheClip picks them).")
+@click.option("--clip-model", "clip_model_dir", type=click.Path(file_okay=False, exists=True),
+              default=None, show_default="MODEL/aux if it exists",
+              help="clip: the auxiliary model, a small causal LM sharing the tokenizer.")
+@click.option("--audit-rate", type=click.FloatRange(0.0, 1.0), default=DEFAULTS["audit_rate"],
+              show_default=True,
+              help="Share of requests served with reused KV that are re-run with full while "
+                   "the engine is idle, to measure KL and greedy agreement (0.01: one in a "
+                   "hundred; 1: all). Past the thresholds the engine serves prefix only.")
+@click.option("--db", "audit_db", default="irminsul.db", show_default=True,
+              type=click.Path(dir_okay=False),
+              help="Savings database the audits are recorded in (read it with `irminsul "
+                   "report`); opened only when --audit-rate > 0.")
+@click.option("--audit-max-kl", type=click.FloatRange(min=0.0), default=None,
+              show_default=_GATE_DEFAULT.format(BUILTIN["audit_max_kl"]),
+              help="Fall back to prefix when the mean first-token KL(full || served) of the "
+                   "last audits exceeds this (nats).")
+@click.option("--audit-min-agreement", type=click.FloatRange(0.0, 1.0), default=None,
+              show_default=_GATE_DEFAULT.format(BUILTIN["audit_min_agreement"]),
+              help="Fall back to prefix when the mean greedy agreement with full of the last "
+                   "audits is below this.")
+@click.option("--check-max-kl", type=click.FloatRange(min=0.0), default=None,
+              show_default=_GATE_DEFAULT.format(BUILTIN["max_kl"]),
+              help="Start-up self-check: serve prefix only when the probe's first-token "
+                   "KL(full || policy) exceeds this (nats).")
+@click.option("--check-min-agreement", type=click.FloatRange(0.0, 1.0), default=None,
+              show_default=_GATE_DEFAULT.format(BUILTIN["min_agreement"]),
+              help="Start-up self-check: serve prefix only when the probe's greedy agreement "
+                   "with full is below this.")
+def serve_command(model_dir, device, dtype, host, port, cache_bytes, policy, pic_k, blend_r,
+                  clip_r, clip_model_dir, audit_rate, audit_db, audit_max_kl,
+                  audit_min_agreement, check_max_kl, check_min_agreement):
     """Serve a local DeepSeek-V2-family checkpoint with the embedded engine.
 
     The API is SGLang's (POST /generate, /v1/chat/completions, /v1/completions, /flush_cache;
@@ -116,7 +155,12 @@ def serve_command(model_dir, device, dtype, host, port, cache_bytes, policy, pic
     SGLang.
     """
     config = engine_config(model_dir=str(model_dir), device=device, dtype=dtype,
-                           cache_bytes=cache_bytes, policy=policy, pic_k=pic_k, blend_r=blend_r)
+                           cache_bytes=cache_bytes, policy=policy, pic_k=pic_k, blend_r=blend_r,
+                           clip_r=clip_r, clip_model_dir=clip_model_dir,
+                           audit_rate=audit_rate, audit_max_kl=audit_max_kl,
+                           audit_min_agreement=audit_min_agreement,
+                           check_max_kl=check_max_kl, check_min_agreement=check_min_agreement,
+                           audit_db=str(audit_db) if audit_rate > 0 else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         asyncio.run(_serve(config, host, port))

@@ -21,7 +21,10 @@ from ...chunking.fingerprint import model_fingerprint
 from ...chunking.keys import Chunker, chunk_key
 from ...chunking.tokenizer import ModelTokenizer
 from ..contract import Annotation, ChunkRef, ReuseCounts
+from .audit import Auditor
+from .clip import AuxModel, check_tokenizer
 from .config import POLICIES, EngineConfig
+from .gate import read_gate_file, resolve_gate
 from .guard import REUSE_POLICIES, CheckResult, self_check
 from .model_runner import ModelRunner
 from .planner import PolicyArgs, make_plan, policy_args
@@ -86,8 +89,16 @@ class Engine:
         if not (root / "config.json").is_file():
             raise FileNotFoundError(f"{root / 'config.json'} not found: not a model directory")
         self.hf_config: dict[str, Any] = json.loads((root / "config.json").read_text())
+        read_gate_file(root)  # a bad irminsul.json fails here, before the model loads
+        aux = config.clip_dir  # CacheClip's auxiliary model: checked before the big load
+        if aux is None and config.policy == "clip":
+            raise ValueError(f"policy clip needs an auxiliary model sharing the tokenizer: "
+                             f"there is no {root / 'aux'} folder; set clip_model_dir")
+        if aux is not None and not (aux / "config.json").is_file():
+            raise FileNotFoundError(f"clip: auxiliary model {aux}: no config.json")
         self.runner = ModelRunner(root, config.device, config.dtype,
-                                  config.attn_implementation, config.prefill_block)
+                                  config.attn_implementation, config.prefill_block,
+                                  config.placement, config.prefill_attention)
         self.tokenizer = ModelTokenizer.from_dir(root)
         if self.tokenizer.vocab_size > self.runner.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
@@ -97,25 +108,37 @@ class Engine:
         self.store = ChunkStore(config.cache_bytes)
         self.chunker = Chunker(config.chunker)
         self.defaults = PolicyArgs(config.pic_k, config.blend_r)
+        self.clip: AuxModel | None = None
+        if aux is not None:
+            check_tokenizer(aux, root)
+            self.clip = AuxModel(aux, self.tokenizer.vocab_size, config.clip_queries,
+                                 config.clip_window, config.clip_device)
         self._lock = threading.RLock()
         self._requests = 0
         self._annotations_used = self._annotations_ignored = 0
         self._totals = dict.fromkeys(_COUNT_FIELDS, 0)
         self._prefill_seconds = 0.0
         self._generated = 0
+        # The thresholds reuse must meet: config values, else MODEL/irminsul.json (gate.py).
+        self.gate = resolve_gate(config, str(self.runner.dtype).removeprefix("torch."))
         # The start-up self-check (guard.py); a failed one makes every request use prefix.
         self.check: CheckResult | None = self_check(self) if config.self_check else None
+        # Quality audits of served requests (audit.py); past its threshold, prefix too.
+        self.audits = Auditor(config, self.model_name, gate=self.gate)
 
     # ---- public API ----------------------------------------------------------------------
     def generate(self, ids, params: SamplingParams, *, annotation: Annotation | None = None,
                  anchors: Sequence[int] = (), namespace: str = "", policy: str | None = None,
-                 policy_args: dict | None = None) -> Iterator[StepOutput]:
+                 policy_args: dict | None = None, request_id: str | None = None
+                 ) -> Iterator[StepOutput]:
         """Prefill ``ids`` with reuse, then decode. Arguments are checked now (ValueError);
         the work happens while iterating. The first output carries the counts and prefill
-        time; max_new_tokens=0 yields one token-less output (the prompt's KV is stored)."""
+        time; max_new_tokens=0 yields one token-less output (the prompt's KV is stored).
+        ``request_id`` names the request in its audit row, if it is audited."""
         arr = self._check_ids(ids)
         name, args = self._policy(policy, policy_args)
-        return self._generate(arr, params, annotation, tuple(anchors), namespace, name, args)
+        return self._generate(arr, params, annotation, tuple(anchors), namespace, name, args,
+                              request_id)
 
     def prefill(self, ids, *, annotation: Annotation | None = None,
                 anchors: Sequence[int] = (), namespace: str = "", policy: str | None = None,
@@ -132,6 +155,14 @@ class Engine:
         """Drop every stored chunk and prefix."""
         with self._lock:
             self.store.clear()
+
+    def idle_work(self) -> bool:
+        """Run one queued quality audit (the worker calls this only while no job waits);
+        False when there was none."""
+        if not self.audits.pending:
+            return False
+        with self._lock:
+            return self.audits.run_one(self.runner)
 
     def stats(self) -> dict[str, Any]:
         """JSON-ready counters: store, requests, summed reuse counts."""
@@ -150,15 +181,34 @@ class Engine:
                 "reuse": dict(self._totals),
                 "store": self.store.stats()._asdict(),
                 "self_check": None if self.check is None else self.check.to_json(),
+                "gate": self.gate.to_json(),
+                "audit": self.audits.snapshot(),
             }
 
     @property
+    def available_policies(self) -> tuple[str, ...]:
+        """The policies a request may name: all but clip when there is no auxiliary model."""
+        return tuple(p for p in POLICIES if p != "clip" or self.clip is not None)
+
+    @property
     def served_policy(self) -> str:
-        """The default policy in force: the configured one, or prefix after a failed check."""
+        """The default policy in force: the configured one, or prefix after a failed check
+        or a failed quality audit window."""
+        if self.audits.tripped and self.config.policy in REUSE_POLICIES:
+            return "prefix"
         return self.config.policy if self.check is None else self.check.served_policy
 
+    @property
+    def _clip_background(self) -> bool:
+        """The auxiliary model on the CPU overlaps a GPU prefill; else it runs first."""
+        return self.runner.device.type == "cuda" and self.clip.device.type == "cpu"
+
+    def defaults_for(self, policy: str) -> PolicyArgs:
+        """The policy arguments a request gets when it gives none (clip's r is clip_r)."""
+        return self.defaults._replace(r=self.config.clip_r) if policy == "clip" else self.defaults
+
     # ---- internals -----------------------------------------------------------------------
-    def _generate(self, ids, params, annotation, anchors, namespace, name, args):
+    def _generate(self, ids, params, annotation, anchors, namespace, name, args, request_id):
         with self._lock:
             # The context limit counts output tokens too, as SGLang's does.
             n_out = min(params.max_new_tokens, self.config.max_seq_len - len(ids))
@@ -166,7 +216,11 @@ class Engine:
             outcome, plan, seconds, path = self._prefill(
                 ids, annotation, anchors, namespace, name, args,
                 capacity=len(ids) + min(n_out, _FIRST_OUTPUT_SLOTS))
+            audit = self.audits.begin(request_id, ids, plan.counts, plan.policy, plan.args,
+                                      outcome.logits)
             if n_out == 0:
+                if audit is not None:
+                    self.audits.submit(audit)
                 yield StepOutput(None, plan.counts, seconds, "length")
                 return
             stops = set(params.stop_token_ids)
@@ -179,6 +233,8 @@ class Engine:
                 for i in range(n_out):
                     tok = sample(logits, params, gen)
                     self._generated += 1
+                    if audit is not None:
+                        audit.step(logits, tok)
                     finish = "stop" if tok in stops else "length" if i + 1 == n_out else None
                     first = i == 0
                     yield StepOutput(tok, plan.counts if first else None,
@@ -194,6 +250,8 @@ class Engine:
             finally:  # also when the consumer closes the iterator early
                 if path is not None and fed:
                     self._store_output(ids, fed, kv, path, namespace)
+                if audit is not None:
+                    self.audits.submit(audit)
 
     def _store_output(self, ids, fed, kv, path, namespace) -> None:
         """Extend the prompt's trie path with the decoded tokens' KV (exact when the prompt
@@ -208,10 +266,12 @@ class Engine:
     def _prefill(self, ids, annotation, anchors, namespace, name, args, capacity):
         """Plan, prefill and store ``ids``: (outcome, plan, seconds, exact trie path or None)."""
         t0 = time.perf_counter()
+        # clip: the auxiliary forward starts first (on its thread when the model is on a GPU).
+        job = None if name != "clip" else self.clip.start(ids, self._clip_background)
         chunks = self._chunks(ids, annotation, anchors, namespace)
         plan = make_plan(self.store, ids, chunks, policy=name, args=args, namespace=namespace)
         try:
-            outcome = run_prefill(self.runner, plan, capacity)
+            outcome = run_prefill(self.runner, plan, capacity, job)
             path = commit(self.store, plan, outcome, namespace)
         finally:
             self.store.release(plan.entries)
@@ -256,9 +316,13 @@ class Engine:
 
     def _policy(self, policy, args) -> tuple[str, PolicyArgs]:
         name = self.config.policy if policy is None else policy
-        parsed = policy_args(name, args, self.defaults)
-        if name in REUSE_POLICIES and self.check is not None and not self.check.ok:
-            name = "prefix"  # the self-check found content reuse unsafe on this model
+        parsed = policy_args(name, args, self.defaults_for(name))
+        if name == "clip" and self.clip is None:
+            raise ValueError("policy clip needs an auxiliary model; this engine has none "
+                             f"(no {Path(self.config.model_dir) / 'aux'}, no clip_model_dir)")
+        if name in REUSE_POLICIES and ((self.check is not None and not self.check.ok)
+                                       or self.audits.tripped):
+            name = "prefix"  # the self-check or the audits found content reuse unsafe here
         return name, parsed
 
 

@@ -11,8 +11,8 @@ Two checks, both cheap (well under a second on the tiny model on CPU):
    config is the one the model uses).
 2. A probe: one prompt whose reused chunk moved (a longer header before it, a question after)
    is run with the configured reuse policy and with ``full`` on a scratch store; the KL of
-   the first-token distributions and the greedy agreement must stay within the configured
-   thresholds.
+   the first-token distributions and the greedy agreement must stay within the engine's
+   quality gate (gate.py: the model's irminsul.json, config values winning over it).
 
 If either fails, the engine serves ``prefix`` (bit-exact) for every request and reports why.
 The check never touches the engine's store or counters.
@@ -33,7 +33,7 @@ from .store import ChunkStore
 
 log = logging.getLogger(__name__)
 
-REUSE_POLICIES = ("pic", "blend")
+REUSE_POLICIES = ("pic", "blend", "clip")
 _HEADERS = ("Session started 2025-01-01 09:00. Working directory: /srv/app\n",
             ("Session started 2025-03-17 18:42:07 for user maria. Working directory: "
             "/home/maria/projects/app, branch feature/cache, 3 files changed\n"))
@@ -57,6 +57,7 @@ class CheckResult(NamedTuple):
     probe_agreement: float | None  # greedy agreement over the probe's tokens
     probe_reused: int  # tokens the probe reused (0: the probe could not exercise reuse)
     seconds: float
+    gate_source: str = "default"  # where the thresholds came from (Gate.source)
 
     def to_json(self) -> dict[str, Any]:
         return self._asdict() | {"reasons": list(self.reasons)}
@@ -108,9 +109,10 @@ def _probe(engine, policy: str, args: PolicyArgs, new_tokens: int):
 
 
 def self_check(engine) -> CheckResult:
-    """Run both checks for ``engine`` (its config names policy and thresholds); log the
-    outcome. Does not change the engine: the caller applies ``served_policy``."""
-    cfg, t0 = engine.config, time.perf_counter()
+    """Run both checks for ``engine`` (its config names the policy, ``engine.gate`` the
+    thresholds); log the outcome. Does not change the engine: the caller applies
+    ``served_policy``."""
+    cfg, gate, t0 = engine.config, engine.gate, time.perf_counter()
     reasons: list[str] = []
     max_pos = min(int(getattr(engine.runner.config, "max_position_embeddings", 0)
                       or cfg.max_seq_len), cfg.max_seq_len)
@@ -121,24 +123,25 @@ def self_check(engine) -> CheckResult:
     kl = agree = None
     reused = 0
     if cfg.policy in REUSE_POLICIES:
-        kl, agree, counts = _probe(engine, cfg.policy, engine.defaults, cfg.check_tokens)
+        kl, agree, counts = _probe(engine, cfg.policy, engine.defaults_for(cfg.policy),
+                                   gate.tokens)
         reused = counts.reused_tokens
-        if not kl <= cfg.check_max_kl:
+        if not kl <= gate.max_kl:
             reasons.append(f"probe: KL(full || {cfg.policy}) {kl:.4f} nats above the limit "
-                           f"{cfg.check_max_kl:g}")
-        if not agree >= cfg.check_min_agreement:
+                           f"{gate.max_kl:g} ({gate.source} gate)")
+        if not agree >= gate.min_agreement:
             reasons.append(f"probe: greedy agreement with full {agree:.2f} below the limit "
-                           f"{cfg.check_min_agreement:g}")
+                           f"{gate.min_agreement:g} ({gate.source} gate)")
     ok = not reasons
     served = cfg.policy if ok else "prefix"
     result = CheckResult(ok, cfg.policy, served, tuple(reasons), err, kl, agree, reused,
-                         round(time.perf_counter() - t0, 4))
+                         round(time.perf_counter() - t0, 4), gate.source)
     if ok:
-        log.info("self-check passed for policy %s (rope error %.2g, probe KL %s, agreement %s)",
-                 cfg.policy, err, _fmt(kl), _fmt(agree))
+        log.info("self-check passed for policy %s (rope error %.2g, probe KL %s, agreement "
+                 "%s; %s)", cfg.policy, err, _fmt(kl), _fmt(agree), gate.describe())
     else:
-        log.warning("self-check failed, serving prefix only instead of %s: %s", cfg.policy,
-                    "; ".join(reasons))
+        log.warning("self-check failed, serving prefix only instead of %s: %s (%s)",
+                    cfg.policy, "; ".join(reasons), gate.describe())
     return result
 
 

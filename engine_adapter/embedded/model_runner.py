@@ -11,11 +11,13 @@ prompt can be computed while the other slots hold KV placed from the store, and 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from ...kernels.rope import RopeSpec, apply_rope
+from . import attention
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -110,6 +112,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_placement(placement: str, device: torch.device) -> str:
+    """auto: the fused Triton kernel on CUDA when Triton imports, else the torch path.
+    "triton" on a CPU runs only under Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
+    from ...kernels.materialize import triton_available
+
+    if placement == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if placement == "triton":
+        if not triton_available():
+            raise ValueError("placement 'triton' needs Triton installed (pip install triton)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("placement 'triton' on a CPU needs TRITON_INTERPRET=1")
+    elif placement != "torch":
+        raise ValueError(f"placement must be auto, torch or triton, got {placement!r}")
+    return placement
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -126,6 +145,8 @@ class ModelRunner:
         dtype: str = "auto",
         attn_implementation: str = "sdpa",
         prefill_block: int = 4096,
+        placement: str = "auto",
+        prefill_attention: str = "auto",
     ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -149,6 +170,14 @@ class ModelRunner:
         self.rope_dim = self.config.qk_rope_head_dim
         self.vocab_size = self.config.vocab_size
         self.prefill_block = prefill_block
+        self.attn_implementation = attn_implementation
+        # Both may be switched between calls (benchmarks compare them in one process).
+        self.placement = resolve_placement(placement, self.device)
+        # auto is dense everywhere: on an H100, FlexAttention was no faster than the dense mask
+        # for pic's few recomputed queries (same run: bench/results/2026-11-23-h100-gpu_ttft.txt)
+        # and a 32K full prefill took 1.92 s with it against 1.40 s dense in the earlier
+        # 2026-11-23-h100-v2lite-ttft.txt, so it stays opt-in until it wins.
+        self.prefill_attention = "dense" if prefill_attention == "auto" else prefill_attention
         self.active: KVBuffer | None = None  # the buffer run_layers is working on
         for layer in self.layers:
             layer.self_attn.expand_kv = _MemoExpand(self, layer.self_attn)
@@ -206,10 +235,14 @@ class ModelRunner:
             outs.append(h)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _mask(self, pos: torch.Tensor, visible: int) -> torch.Tensor | None:
-        """Additive [1, 1, q, visible] mask: query at position p sees slots <= p."""
+    def _mask(self, pos: torch.Tensor, visible: int):
+        """Query at position p sees slots <= p: an additive [1, 1, q, visible] mask (dense),
+        or a FlexAttention block mask (flex, attention.py)."""
         if pos.numel() == 1 and int(pos[0]) == visible - 1:
             return None  # one query at the end sees everything
+        if self.prefill_attention == "flex":
+            attention.install(self.model, self.attn_implementation)
+            return attention.position_block_mask(pos, visible)
         slots = torch.arange(visible, device=self.device)
         hidden = slots[None, :] > pos[:, None]
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)

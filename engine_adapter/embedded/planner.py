@@ -5,7 +5,8 @@ Per token the source is one of
 * PREFIX     - the longest exact cached prefix (prefix trie; bit-identical to a prefill);
 * REUSED     - a content hit: c_KV copied, k_pe δ-rotated from where it was computed;
 * RECOMPUTED - in a hit, but computed anyway (pic's first k tokens of each placed run,
-               blend's most-deviating tokens, the last prompt token whose logits we need);
+               blend's most-deviating tokens, clip's windows, the last prompt token whose
+               logits we need);
 * NEW        - no hit; computed.
 
 Policies: ``full`` computes everything; ``prefix`` uses the exact prefix only (a radix cache);
@@ -14,7 +15,9 @@ sequence of hit chunks each of which was stored with the same chunk before it as
 (KVEntry.prev_key), so only where the left context changed is attention restored; ``blend``
 (CacheBlend) adds content hits, runs layer 0 for every non-prefix token and recomputes, in
 layers 1.., the fraction r of placed tokens whose layer-1 KV deviates most from the stored one
-(which ones is decided while running; how many is fixed here).
+(which ones is decided while running; how many is fixed here); ``clip`` (CacheClip, clip.py)
+places content hits like blend and recomputes as many placed tokens, in windows chosen by an
+auxiliary model's attention from the end of the prompt.
 """
 
 from __future__ import annotations
@@ -34,11 +37,11 @@ PREFIX, REUSED, RECOMPUTED, NEW = 0, 1, 2, 3
 
 class PolicyArgs(NamedTuple):
     k: int = 16  # pic: tokens recomputed at the start of each placed run
-    r: float = 0.10  # blend: fraction of placed tokens recomputed in layers 1..
+    r: float = 0.10  # blend, clip: fraction of placed tokens recomputed
 
 
 def policy_args(policy: str, args: dict[str, Any] | None, defaults: PolicyArgs) -> PolicyArgs:
-    """Validated arguments: {"k": int >= 0} (pic) and {"r": 0..1} (blend). Either key is
+    """Validated arguments: {"k": int >= 0} (pic) and {"r": 0..1} (blend, clip). Either key is
     accepted whatever the policy (a proxy may send both) and used only where it applies."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -50,7 +53,7 @@ def policy_args(policy: str, args: dict[str, Any] | None, defaults: PolicyArgs) 
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"pic argument k must be an integer >= 0, got {k!r}")
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
-        raise ValueError(f"blend argument r must be a number in [0, 1], got {r!r}")
+        raise ValueError(f"blend/clip argument r must be a number in [0, 1], got {r!r}")
     return PolicyArgs(k, float(r))
 
 
@@ -74,8 +77,8 @@ class Plan(NamedTuple):
     placements: tuple[Placement, ...]
     hit_chunks: tuple[int, ...]  # indexes of chunks with a content hit
     compute: np.ndarray  # int64 positions computed in every layer, sorted
-    blend_candidates: np.ndarray  # int64 placed positions blend chooses from
-    blend_count: int  # how many of them blend recomputes
+    blend_candidates: np.ndarray  # int64 placed positions blend (or clip) chooses from
+    blend_count: int  # how many of them blend (or clip) recomputes
     counts: ReuseCounts
 
     @property
@@ -106,7 +109,7 @@ def make_plan(
     source[:p_len] = PREFIX
     placements: list[Placement] = []
     hits: list[int] = []
-    if policy in ("pic", "blend"):
+    if policy in ("pic", "blend", "clip"):
         carve_left = 0  # pic: tokens of the current run's carve-out still to recompute
         for i, ref in enumerate(chunks):
             if ref.end <= p_len:
@@ -132,7 +135,7 @@ def make_plan(
     compute = np.flatnonzero(source >= RECOMPUTED).astype(np.int64)
     candidates = np.flatnonzero(source == REUSED).astype(np.int64)
     blend_count = 0
-    if policy == "blend":
+    if policy in ("blend", "clip"):
         blend_count = min(len(candidates), math.ceil(args.r * len(candidates) - 1e-9))
     else:
         candidates = candidates[:0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -12,35 +12,32 @@ from .model_runner import KVBuffer, ModelRunner
 from .planner import RECOMPUTED, REUSED, Plan
 from .store import ChunkStore, KVEntry
 
+if TYPE_CHECKING:
+    from .clip import ClipJob
+
 
 class PrefillOutcome(NamedTuple):
     logits: torch.Tensor  # float32 [vocab] at the last prompt position
-    source: np.ndarray  # the plan's sources with blend's picks marked RECOMPUTED
+    source: np.ndarray  # the plan's sources with blend's / clip's picks marked RECOMPUTED
     kv: KVBuffer  # holds the prompt's KV in slots [0, N)
 
 
-def run_prefill(runner: ModelRunner, plan: Plan, capacity: int) -> PrefillOutcome:
-    """Build the prompt's KV per ``plan`` in a new buffer of ``capacity`` slots."""
+def run_prefill(runner: ModelRunner, plan: Plan, capacity: int,
+                clip: ClipJob | None = None) -> PrefillOutcome:
+    """Build the prompt's KV per ``plan`` in a new buffer of ``capacity`` slots. A clip plan
+    needs ``clip``, the auxiliary model's forward over the prompt (clip.AuxModel.start)."""
     n = len(plan.ids)
     kv = runner.new_kv(max(capacity, n))
-    done = 0
-    for entry, used in plan.prefix.parts:  # exact prefix: same positions, plain copy
-        used = min(used, plan.prefix_len - done)
-        if used <= 0:
-            break
-        kv.c_kv[:, done : done + used] = entry.c_kv[:, :used]
-        kv.k_pe[:, done : done + used] = entry.k_pe[:, :used]
-        done += used
-    segments = []
-    for p in plan.placements:
-        sl = slice(p.offset, p.offset + p.length)
-        segments.append(Segment(p.entry.c_kv[:, sl], p.entry.k_pe[:, sl],
-                                p.entry.position + p.offset, p.start, p.start))
-    materialize(kv.c_kv, kv.k_pe, segments, runner.spec)
+    place(runner, plan, kv)
     kv.length = n
     ids = torch.from_numpy(plan.ids.astype(np.int64))
     source = plan.source.copy()
-    if plan.policy != "blend" or len(plan.blend_candidates) == 0:
+    if plan.policy == "clip" and len(plan.blend_candidates):
+        if clip is None:
+            raise ValueError("a clip plan needs the auxiliary model's job (clip=)")
+        h, picked = _clip(runner, plan, kv, ids, clip)
+        source[picked] = RECOMPUTED
+    elif plan.policy != "blend" or len(plan.blend_candidates) == 0:
         q = torch.from_numpy(plan.compute)
         h = runner.run_layers(kv, runner.embed(ids[q]), q, 0, runner.num_layers)
     else:
@@ -48,6 +45,36 @@ def run_prefill(runner: ModelRunner, plan: Plan, capacity: int) -> PrefillOutcom
         source[picked] = RECOMPUTED
         h = runner.run_layers(kv, q[1], q[0], 1, runner.num_layers)
     return PrefillOutcome(runner.logits(h[:, -1:])[0], source, kv)
+
+
+def place(runner: ModelRunner, plan: Plan, kv: KVBuffer) -> None:
+    """Fill kv's slots from the store: the exact prefix as it is, placements δ-rotated.
+
+    ``runner.placement`` "triton": the fused kernel, one launch for the whole request (prefix
+    parts are segments with no position change); "torch": plain copies plus the torch
+    reference (the CPU path and the oracle the kernel is tested against)."""
+    prefix, done = [], 0
+    for entry, used in plan.prefix.parts:  # exact prefix: same positions, plain copy
+        used = min(used, plan.prefix_len - done)
+        if used <= 0:
+            break
+        prefix.append(Segment(entry.c_kv[:, :used], entry.k_pe[:, :used], done, done, done))
+        done += used
+    segments = []
+    for p in plan.placements:
+        sl = slice(p.offset, p.offset + p.length)
+        segments.append(Segment(p.entry.c_kv[:, sl], p.entry.k_pe[:, sl],
+                                p.entry.position + p.offset, p.start, p.start))
+    if runner.placement == "triton":
+        from ...kernels.materialize_triton import materialize_segments_triton
+
+        materialize_segments_triton(kv.c_kv, kv.k_pe, prefix + segments, runner.spec)
+        return
+    for s in prefix:
+        n = s.c_kv.shape[1]
+        kv.c_kv[:, s.dst_slot : s.dst_slot + n] = s.c_kv
+        kv.k_pe[:, s.dst_slot : s.dst_slot + n] = s.k_pe
+    materialize(kv.c_kv, kv.k_pe, segments, runner.spec)
 
 
 def _blend(runner: ModelRunner, plan: Plan, kv: KVBuffer, ids: torch.Tensor):
@@ -67,6 +94,23 @@ def _blend(runner: ModelRunner, plan: Plan, kv: KVBuffer, ids: torch.Tensor):
         picked = cand
     q1 = torch.from_numpy(np.union1d(plan.compute, picked.numpy()))
     return (q1, h0[:, (q1 - plan.prefix_len).to(runner.device)]), picked.numpy()
+
+
+def _clip(runner: ModelRunner, plan: Plan, kv: KVBuffer, ids: torch.Tensor, job: ClipJob):
+    """CacheClip. The computed tokens before the first placed one attend only to the prefix and
+    each other, so they run first, through every layer, while the auxiliary model (on its own
+    thread when this runner is on a GPU) is still reading the prompt; then the picks join the
+    remaining computed tokens: two query blocks, as run_layers splits long ones (a later block
+    sees the slots an earlier one wrote), so the result is one pass's up to rounding.
+    Returns (last hidden state, picked positions)."""
+    first = int(plan.blend_candidates[0])
+    head = plan.compute[plan.compute < first]
+    if len(head):
+        q = torch.from_numpy(head)
+        runner.run_layers(kv, runner.embed(ids[q]), q, 0, runner.num_layers)
+    picked = job.pick(plan.blend_candidates, plan.blend_count)
+    q = torch.from_numpy(np.union1d(plan.compute[plan.compute > first], picked))
+    return runner.run_layers(kv, runner.embed(ids[q]), q, 0, runner.num_layers), picked
 
 
 def commit(store: ChunkStore, plan: Plan, outcome: PrefillOutcome, namespace: str = ""

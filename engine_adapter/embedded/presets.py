@@ -77,10 +77,57 @@ _V2_LITE: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 
+# The shipped trained model (examples/models/train_model.py): DeepSeek-V2 attention (MLA with
+# a 128-dim latent and the 64-dim decoupled YaRN rope key) with dense MLPs in every layer —
+# an MoE trains several times slower in transformers' expert loop and the 10-minute budget is
+# better spent on tokens. YaRN as DeepSeek's, at factor 4 over a 4096-token original window.
+_TRAINED: dict[str, Any] = {
+    **_TINY,
+    "hidden_size": 384,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 6,
+    "kv_lora_rank": 128,
+    "first_k_dense_replace": 6,
+    "max_position_embeddings": 16384,
+    "rope_parameters": {**YARN_ROPE, "factor": 4.0},
+    "initializer_range": 0.02,
+}
+# Its CacheClip auxiliary model: two layers reading the prompt to score tokens for recompute.
+_TRAINED_AUX: dict[str, Any] = {
+    **_TRAINED,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "first_k_dense_replace": 2,
+}
+
+# A CacheClip auxiliary model for tests (clip.py): two dense layers, half of tiny-mla's
+# width, sharing its 4096-token tokenizer.
+_TINY_AUX: dict[str, Any] = {
+    **_TINY,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "kv_lora_rank": 64,
+    "qk_rope_head_dim": 32,
+    "qk_nope_head_dim": 32,
+    "v_head_dim": 32,
+    "first_k_dense_replace": 2,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-mla": _TINY,
     "tiny-mla-plain": {**_TINY, "rope_parameters": PLAIN_ROPE, "max_position_embeddings": 163840},
+    "tiny-aux": _TINY_AUX,
     "v2-lite": _V2_LITE,
+    "irminsul-mla": _TRAINED,
+    "irminsul-aux": _TRAINED_AUX,
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -34,14 +34,17 @@ class PolicyRun(NamedTuple):
 
 class Prober:
     """A model runner plus how the engine chunks prompts (``engine.runner``, ``engine.chunker``
-    and ``engine.model_fingerprint``); holds no state of its own."""
+    and ``engine.model_fingerprint``) and its clip auxiliary model (``engine.clip``, None:
+    the clip policy cannot run); holds no state of its own."""
 
-    def __init__(self, runner: ModelRunner, chunker, model_fingerprint: str):
+    def __init__(self, runner: ModelRunner, chunker, model_fingerprint: str, clip=None):
         self.runner, self.chunker, self.fingerprint = runner, chunker, model_fingerprint
+        self.clip = clip
 
     @classmethod
     def of(cls, engine) -> Prober:
-        return cls(engine.runner, engine.chunker, engine.model_fingerprint)
+        return cls(engine.runner, engine.chunker, engine.model_fingerprint,
+                   getattr(engine, "clip", None))
 
     def _chunks(self, ids: np.ndarray, anchors: Sequence[int]):
         return self.chunker.split(ids, anchors=tuple(anchors), namespace="",
@@ -66,10 +69,17 @@ class Prober:
             raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
         ids = np.asarray(ids, dtype=np.int32)
         runner, n = self.runner, len(ids)
+        if policy == "clip" and self.clip is None:
+            raise ValueError("policy clip needs an auxiliary model; the engine has none")
         t0 = time.perf_counter()
+        # As Engine._prefill: the auxiliary forward first, in the background on a GPU engine.
+        job = None
+        if policy == "clip":
+            job = self.clip.start(ids, runner.device.type == "cuda"
+                                  and self.clip.device.type == "cpu")
         plan = make_plan(store, ids, self._chunks(ids, anchors), policy=policy, args=args)
         try:
-            outcome = run_prefill(runner, plan, n + new_tokens)
+            outcome = run_prefill(runner, plan, n + new_tokens, job)
         finally:
             store.release(plan.entries)
         if runner.device.type == "cuda":

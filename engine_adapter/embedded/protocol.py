@@ -104,12 +104,16 @@ class RequestParser:
 
     ``malformed_annotations`` counts annotations that were present but unreadable; such a
     request is served as a plain one (the proxy's hint is an optimisation, never a must).
+    ``policies``: the policies this engine can run (clip only with an auxiliary model); a
+    request naming another, in its body or its annotation, is refused. None: not checked here.
     """
 
-    def __init__(self, tokenizer, *, max_seq_len: int, model: str):
+    def __init__(self, tokenizer, *, max_seq_len: int, model: str,
+                 policies: tuple[str, ...] | None = None):
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.model = model
+        self.policies = policies
         # Tool-call markers that are special tokens would vanish with skip_special_tokens; when
         # tools are offered they are decoded anyway so the parser can find them.
         marker_ids = [tokenizer.encode(m) for m in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)]
@@ -269,6 +273,7 @@ class RequestParser:
         if name is None:
             if annotation is None or annotation.policy is None:
                 return None, None
+            self._available(annotation.policy, f"the {ANNOTATION_KEY!r} annotation's policy")
             return annotation.policy, dict(annotation.policy_args)
         if args is not None and not isinstance(args, dict):
             raise ApiError("'irminsul_policy_args' must be an object",
@@ -277,7 +282,18 @@ class RequestParser:
             policy_args(name, args, PolicyArgs())  # only checks: the engine applies defaults
         except ValueError as e:
             raise ApiError(f"irminsul_policy: {e}", param="irminsul_policy") from None
+        self._available(name, "irminsul_policy")
         return name, dict(args or {})
+
+    def _available(self, name: str, what: str) -> None:
+        """A known policy this engine cannot run (clip without an auxiliary model) is the
+        client's error, refused before the engine sees it."""
+        if self.policies is None or name in self.policies:
+            return
+        why = (" (it needs an auxiliary model sharing the tokenizer: the served model has no "
+               "aux/ folder and no --clip-model was given)" if name == "clip" else "")
+        raise ApiError(f"{what}: policy {name!r} is not available on this engine{why}; "
+                       f"available: {', '.join(self.policies)}", param="irminsul_policy")
 
     def _token_ids(self, v: Any, key: str) -> np.ndarray:
         vocab = self.tokenizer.vocab_size

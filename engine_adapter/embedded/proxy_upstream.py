@@ -6,6 +6,8 @@ never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ...proxy.config import ProxyConfig
 from .command import DEFAULT_MODEL, start_embedded
 from .config import EngineConfig
@@ -17,9 +19,14 @@ def embedded_upstream_ctx(config: ProxyConfig, *, engine_config: EngineConfig | 
     proxy probes it and stops after the proxy closed its session.
 
     The engine serves ``engine_config`` if given, else ``config.model_dir`` (default: the
-    shipped tiny model) with EngineConfig's defaults.
+    shipped tiny model) with EngineConfig's defaults and ``config.audit_rate``. Its quality
+    audits go to the proxy's savings database unless ``engine_config`` names another, so
+    `irminsul report` reads requests and audits from one file.
     """
-    engine_config = engine_config or EngineConfig(model_dir=config.model_dir or str(DEFAULT_MODEL))
+    engine_config = engine_config or EngineConfig(model_dir=config.model_dir or str(DEFAULT_MODEL),
+                                                  audit_rate=config.audit_rate)
+    if engine_config.audit_db is None and config.db is not None:
+        engine_config = dataclasses.replace(engine_config, audit_db=config.db)
 
     async def ctx(app):
         runner, url = await start_embedded(engine_config)

@@ -146,7 +146,8 @@ def evaluate(engine, cases: Sequence[Case], policies: Sequence[PolicySpec], new_
                 for _ in range(max(1, repeats))]
         return runs[0]._replace(prefill_seconds=min(r.prefill_seconds for r in runs))
 
-    parsed = [(s, policy_args(s.policy, s.args, engine.defaults)) for s in policies]
+    parsed = [(s, policy_args(s.policy, s.args, engine.defaults_for(s.policy)))
+              for s in policies]
     decode = engine.tokenizer.decode
     first = cases[0].prompt if cases else None
     if first is not None:  # one untimed run first: the first call into torch is slow
@@ -279,6 +280,10 @@ def quality_command(model_dir, policies, workloads, cases, docs, doc_tokens, tur
                                      self_check=False))
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
+    if engine.clip is None:  # clip needs the auxiliary model: <model>/aux
+        skipped += [f"{s.label}: no auxiliary model (no {Path(model_dir) / 'aux'} folder); "
+                    "skipped" for s in specs if s.policy == "clip"]
+        specs = [s for s in specs if s.policy != "clip"]
     if not specs:
         raise click.UsageError(f"no runnable policy in --policies {policies!r}")
     for line in skipped:

@@ -22,6 +22,7 @@ from ...proxy.responses_stream import ResponsesStream
 from ...proxy.sse import SSE_HEADERS
 from ..contract import ANNOTATION_KEY, CAPABILITY_PATH, SGLANG_HINT_KEY, capabilities
 from .config import POLICIES
+from .metrics import EngineMetrics, fallback_reasons
 from .protocol import ApiError, GenerationRequest, RequestParser
 from .replies import chat_json, completion_json, generate_json
 from .streams import (
@@ -84,15 +85,38 @@ class EngineServer:
         self.worker = EngineWorker(engine)
         cfg = engine.config
         self.parser = RequestParser(engine.tokenizer, max_seq_len=cfg.max_seq_len,
-                                    model=engine.model_name)
+                                    model=engine.model_name, policies=self.policies)
         self.created = int(time.time())
         self.requests = 0
+        self.metrics = EngineMetrics(engine)
+        self.audit_writer = None  # the savings writer audits are recorded through
 
     async def on_startup(self, app: web.Application) -> None:
+        audits, cfg = getattr(self.engine, "audits", None), self.engine.config
+        if audits is not None and cfg.audit_rate > 0:
+            if cfg.audit_db is None:
+                log.warning("auditing %g of reusing requests without a savings database: "
+                            "audits drive the fallback but are not recorded", cfg.audit_rate)
+            else:
+                from ...proxy.savings import SavingsWriter
+
+                # Its own connection: in embedded mode the proxy writes the same file (WAL).
+                self.audit_writer = await asyncio.to_thread(SavingsWriter, cfg.audit_db)
+                audits.sink = self.audit_writer.submit
+                log.info("auditing %g of reusing requests into %s", cfg.audit_rate,
+                         cfg.audit_db)
         self.worker.start()
 
     async def on_cleanup(self, app: web.Application) -> None:
         await self.worker.stop()
+        if self.audit_writer is not None:
+            self.engine.audits.sink = None
+            await self.audit_writer.close()
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        """The policies the engine can run (clip only with its auxiliary model)."""
+        return tuple(getattr(self.engine, "available_policies", POLICIES))
 
     def _check_worker(self) -> None:
         if not self.worker.alive():
@@ -214,13 +238,23 @@ class EngineServer:
     async def health(self, request: web.Request) -> web.Response:
         if not self.worker.alive():
             return web.json_response({"status": "engine worker stopped"}, status=503)
-        # 200 means alive; a failed self-check (serving prefix only) is reported, not fatal.
-        check = getattr(self.engine, "check", None)
+        # 200 means alive; a failed self-check or audit window (serving prefix only) is
+        # reported, not fatal.
+        check, audits = getattr(self.engine, "check", None), getattr(self.engine, "audits", None)
+        gate = getattr(self.engine, "gate", None)
+        reasons = fallback_reasons(self.engine)
         return web.json_response({
-            "status": "ok" if check is None or check.ok else "degraded",
+            "status": "degraded" if reasons else "ok",
             "policy": getattr(self.engine, "served_policy", self.engine.config.policy),
+            "fallback_reasons": [{"cause": c, "reason": r} for c, r in reasons],
             "self_check": None if check is None else check.to_json(),
+            "gate": None if gate is None else gate.to_json(),
+            "audit": None if audits is None else audits.snapshot(),
         })
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def models(self, request: web.Request) -> web.Response:
         card = {"id": self.engine.model_name, "object": "model", "created": self.created,
@@ -250,7 +284,7 @@ class EngineServer:
         return web.json_response(capabilities(
             engine="embedded", model=self.engine.model_name,
             model_fingerprint=self.engine.model_fingerprint, chunker=cfg.chunker.to_json(),
-            policies=POLICIES,
+            policies=self.policies,
             default_policy=getattr(self.engine, "served_policy", cfg.policy),
         ))
 
@@ -287,6 +321,7 @@ def create_engine_app(engine) -> web.Application:
         web.get("/model_info", srv.model_info),
         web.get("/get_model_info", srv.model_info),
         web.get("/health", srv.health),
+        web.get("/metrics", srv.metrics_text),
         web.post("/flush_cache", srv.flush_cache),
         web.get(CAPABILITY_PATH, srv.capability),
         web.get("/irminsul/stats", srv.stats),

@@ -74,6 +74,7 @@ def run_generation(engine, req: GenerationRequest, emit: Callable[[Event], None]
         outputs = engine.generate(
             req.ids, req.params, annotation=req.annotation, anchors=req.anchors,
             namespace=req.namespace, policy=req.policy, policy_args=req.policy_args,
+            request_id=req.rid,
         )
         for out in outputs:
             if out.counts is not None:
@@ -204,8 +205,22 @@ class EngineWorker:
         self._pending.add(job)
         self._jobs.put(job)
 
+    def _next_job(self) -> GenerationJob | _Call | None:
+        """The next job. While none is waiting, the engine's idle work (quality audits,
+        audit.py) runs one piece at a time, so a job submitted meanwhile waits for at most
+        one piece: one audit's forward pass."""
+        idle = getattr(self.engine, "idle_work", None)
+        while idle is not None and self._jobs.empty():
+            try:
+                if not idle():
+                    break
+            except Exception:  # idle work handles its own errors; this is a last resort
+                log.exception("engine idle work failed")
+                break
+        return self._jobs.get()
+
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (job := self._next_job()) is not None:
             try:
                 job.run(self.engine)
             except Exception:  # run() handles its own errors; this is a last resort

@@ -157,7 +157,10 @@ class FakeSGLang:
                 if c.end > exact and stored is not None and np.array_equal(stored, part):
                     reused += c.end - max(c.start, exact)
                     hit += 1
-                self.chunks.setdefault(c.key, part.copy())
+            # stored after the request, as an engine commits after its prefill: a chunk that
+            # repeats inside one prompt is not a hit of that prompt
+            for c in ann.chunks:
+                self.chunks.setdefault(c.key, ids[c.start : c.end].copy())
         return ReuseCounts(
             prompt_tokens=len(ids), exact_prefix_tokens=exact, reused_tokens=reused,
             new_tokens=len(ids) - exact - reused, chunks_total=total, chunks_hit=hit,

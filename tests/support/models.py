@@ -1,6 +1,7 @@
 """Tiny random-weight DeepSeek-V2 checkpoints for engine tests (built once per session).
 
-Import the fixtures into a test module: ``from support.models import yarn_model, plain_model``.
+Import the fixtures into a test module: ``from support.models import yarn_model, plain_model``
+(and ``aux_model``, the clip policy's auxiliary model).
 Each is a directory with config.json, model.safetensors (float32) and the shipped tiny
 tokenizer, for the YaRN and the plain-RoPE variant of the "tiny-mla" preset.
 """
@@ -38,3 +39,9 @@ def yarn_model(tmp_path_factory) -> Path:
 def plain_model(tmp_path_factory) -> Path:
     """tiny-mla with plain RoPE (rope_theta 10000)."""
     return checkpoint(tmp_path_factory, "tiny-mla-plain")
+
+
+@pytest.fixture(scope="session")
+def aux_model(tmp_path_factory) -> Path:
+    """The "tiny-aux" preset: a 2-layer CacheClip auxiliary model sharing the tiny tokenizer."""
+    return checkpoint(tmp_path_factory, "tiny-aux")

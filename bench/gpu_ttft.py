@@ -1,0 +1,276 @@
+"""TTFT of the embedded engine's GPU path on a DeepSeek-V2-Lite-shaped model, in one run.
+
+Usage (GPU):   python bench/gpu_ttft.py --out bench/results/DATE-h100-gpu-ttft.txt
+Usage (smoke): python bench/gpu_ttft.py --smoke --out /tmp/smoke.txt   (CPU, tiny-mla)
+
+One process builds the random bf16 checkpoint (presets.build_checkpoint('v2-lite'), on the
+GPU), checks the fused placement kernel against the torch path on the real shapes (placed KV
+slot by slot, then pic's logits) and FlexAttention against the dense mask (logits), then
+times, for prompts of 8K and 32K tokens and two edits of a warm prompt (a changed 200-token
+header; the same header with the sections in reverse order):
+full, prefix, pic k=0, pic default k, blend 10% with FlexAttention, and pic with the dense
+4-D mask. Each measurement flushes the store, prefills the warm prompt with ``full``, then
+times the edited prompt to its first sampled token (warm-up round + --reps rounds,
+round-robin, median). A second pass with the device synchronised around the placement gives
+its time and share of TTFT. Prints the table last and writes everything to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ttft
+
+from irminsul.engine_adapter.embedded import prefill as prefill_mod
+from irminsul.engine_adapter.embedded.config import EngineConfig
+from irminsul.engine_adapter.embedded.engine import Engine, SamplingParams
+from irminsul.engine_adapter.embedded.planner import make_plan
+from irminsul.engine_adapter.embedded.presets import build_checkpoint
+from irminsul.kernels.materialize import triton_available
+
+HEADER_TOKENS = 200
+SECTIONS = 8
+POISON = 1234.0
+
+
+class Log:
+    """Prints and keeps every line; rewrites --out after each step (a timeout keeps them)."""
+
+    def __init__(self, path: Path):
+        self.path, self.lines = path, []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+        self.path.write_text("\n".join(self.lines) + "\n")
+
+
+def cases(k: int) -> list[tuple[str, str, dict, str]]:
+    """(label, policy, policy args, prefill attention)."""
+    return [("full", "full", {}, "flex"), ("prefix", "prefix", {}, "flex"),
+            ("pic k=0", "pic", {"k": 0}, "flex"), (f"pic k={k}", "pic", {"k": k}, "flex"),
+            ("blend r=0.1", "blend", {"r": 0.1}, "flex"),
+            ("pic k=0 dense", "pic", {"k": 0}, "dense"),
+            (f"pic k={k} dense", "pic", {"k": k}, "dense")]
+
+
+def prompts(engine: Engine, n: int, corpus: np.ndarray):
+    """Warm prompt and its two edits, each (ids, anchors at header end and section starts)."""
+    body = corpus[:n]
+    h_warm, h_new = corpus[-HEADER_TOKENS:], corpus[-2 * HEADER_TOKENS : -HEADER_TOKENS]
+    cuts = np.linspace(0, n, SECTIONS + 1).astype(int)
+    sections = [body[a:b] for a, b in itertools.pairwise(cuts)]
+
+    def build(head, secs):
+        ids = np.concatenate([head, *secs]).astype(np.int32)
+        anchors = tuple(int(x) for x in np.cumsum([len(head)] + [len(s) for s in secs[:-1]]))
+        return ids, anchors
+
+    warm = build(h_warm, sections)
+    return warm, {"header": build(h_new, sections), "reorder": build(h_warm, sections[::-1])}
+
+
+def sync(engine: Engine) -> None:
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_request(engine, warm, edit, policy, args, attention):
+    engine.flush_cache()
+    engine.runner.prefill_attention = attention
+    engine.prefill(warm[0], anchors=warm[1], policy="full")
+    engine.runner.prefill_attention = attention
+    sync(engine)
+    t0 = time.perf_counter()
+    out = next(iter(engine.generate(edit[0], SamplingParams(max_new_tokens=1), anchors=edit[1],
+                                    policy=policy, policy_args=args)))
+    return time.perf_counter() - t0, out.counts
+
+
+def place_seconds(engine, warm, edit, policy, args, attention) -> float:
+    """One more request with the device synchronised around the placement."""
+    spent = []
+    inner = prefill_mod.place
+
+    def timed(*a, **kw):
+        sync(engine)
+        t0 = time.perf_counter()
+        inner(*a, **kw)
+        sync(engine)
+        spent.append(time.perf_counter() - t0)
+
+    prefill_mod.place = timed
+    try:
+        timed_request(engine, warm, edit, policy, args, attention)
+    finally:
+        prefill_mod.place = inner
+    return spent[-1]
+
+
+def check_placement(engine, warm, edit, k, log) -> None:
+    """Kernel vs torch placement on this model's shapes: every slot, then pic's logits."""
+    if engine.runner.placement != "triton":
+        log("  placement check skipped: no CUDA and no Triton interpreter")
+        return
+    r = engine.runner
+    engine.flush_cache()
+    engine.prefill(warm[0], anchors=warm[1], policy="full")
+    chunks = engine._chunks(edit[0], None, edit[1], "")
+    plan = make_plan(engine.store, edit[0], chunks, policy="pic", args=engine.defaults._replace(k=k))
+    bufs = {}
+    try:
+        for placement in ("torch", "triton"):
+            kv = r.new_kv(len(edit[0]) + 3)
+            kv.c_kv.fill_(POISON)
+            kv.k_pe.fill_(POISON)
+            r.placement = placement
+            prefill_mod.place(r, plan, kv)
+            bufs[placement] = kv
+    finally:
+        r.placement = "triton"
+        engine.store.release(plan.entries)
+    ref, got = bufs["torch"], bufs["triton"]
+    slots = np.concatenate([np.arange(plan.prefix_len)] +
+                           [np.arange(p.start, p.start + p.length) for p in plan.placements])
+    same_ckv = torch.equal(got.c_kv, ref.c_kv)
+    outside = torch.ones(got.capacity, dtype=torch.bool, device=got.k_pe.device)
+    outside[torch.from_numpy(slots).to(outside.device)] = False
+    clean = bool((got.k_pe[:, outside] == POISON).all())
+    w = ref.k_pe[:, slots].float()
+    pair = w.reshape(*w.shape[:-1], -1, 2).norm(dim=-1).repeat_interleave(2, -1)
+    ulp = 2.0 ** (torch.floor(torch.log2(pair.clamp_min(1e-30))) - 7)
+    if r.dtype == torch.float32:
+        ulp = 1e-6 * pair + 1e-30
+    ratio = ((got.k_pe[:, slots].float() - w).abs() / ulp).max().item()
+    logits = {}
+    for placement in ("torch", "triton"):
+        r.placement = placement
+        engine.flush_cache()
+        engine.prefill(warm[0], anchors=warm[1], policy="full")
+        logits[placement] = engine.prefill(edit[0], anchors=edit[1], policy="pic",
+                                           policy_args={"k": k}).logits
+    r.placement = "triton"
+    dl = (logits["triton"] - logits["torch"]).abs().max().item()
+    ok = same_ckv and clean and ratio <= 1.0
+    log(f"  placement kernel vs torch: {len(slots)} slots x {r.num_layers} layers, c_KV "
+        f"{'bit-identical' if same_ckv else 'DIFFERS'}, k_pe max err {ratio:.2f} of the "
+        f"tolerance (1 ulp), {'no stray writes' if clean else 'STRAY WRITES'}; pic logits "
+        f"max|d| {dl:.2e} -> {'OK' if ok else 'FAILED'}")
+    if not ok:
+        raise SystemExit("the placement kernel disagrees with the torch path")
+
+
+def check_attention(engine, warm, edit, k, log) -> None:
+    out = {}
+    for attention in ("dense", "flex"):
+        for policy, args in (("full", {}), ("pic", {"k": k})):
+            engine.runner.prefill_attention = attention
+            engine.flush_cache()
+            engine.prefill(warm[0], anchors=warm[1], policy="full")
+            out[attention, policy] = engine.prefill(edit[0], anchors=edit[1], policy=policy,
+                                                    policy_args=args).logits
+    ref = out["dense", "full"]
+    scale = ref.abs().max().item()
+    parts = []
+    for key, v in out.items():
+        if key != ("dense", "full"):
+            parts.append(f"{key[1]} {key[0]} {(v - ref).abs().max().item():.3f}")
+    fd = (out["flex", "pic"] - out["dense", "pic"]).abs().max().item()
+    log(f"  logits max|d| vs dense full (scale {scale:.2f}): " + ", ".join(parts)
+        + f"; pic flex vs pic dense {fd:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="file the results are written to")
+    ap.add_argument("--smoke", action="store_true",
+                    help="same code on the CPU with the tiny-mla preset at small sizes")
+    ap.add_argument("--sizes", type=int, nargs="+", help="body lengths in tokens")
+    ap.add_argument("--reps", type=int, help="timed rounds after the warm-up round")
+    ap.add_argument("--k", type=int, default=16, help="pic's default k")
+    ap.add_argument("--model", type=Path, help="an existing checkpoint instead of building one")
+    a = ap.parse_args()
+    log = Log(a.out)
+    device = "cpu" if a.smoke else "cuda"
+    sizes = a.sizes or ([400, 800] if a.smoke else [8000, 32000])
+    reps = a.reps if a.reps is not None else (1 if a.smoke else 3)
+    interpreted = triton_available() and os.environ.get("TRITON_INTERPRET") == "1"
+    t_start = time.perf_counter()
+    if a.model is None:
+        preset = "tiny-mla" if a.smoke else "v2-lite"
+        a.model = build_checkpoint(
+            preset, tempfile.mkdtemp(prefix="gpu-ttft-"), seed=0, tokenizer_dir=ttft.SHIPPED,
+            dtype="float32" if a.smoke else "bfloat16", device=device,
+            init_in_dtype=not a.smoke)
+    t_built = time.perf_counter()
+    engine = Engine(EngineConfig(
+        model_dir=str(a.model), device=device, self_check=False, pic_k=a.k,
+        cache_bytes=8 << 30, max_seq_len=max(32768, 2 * max(sizes) + 4 * HEADER_TOKENS),
+        placement="triton" if interpreted else "auto"))
+    r = engine.runner
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)"
+    import transformers
+    tri = __import__("triton").__version__ if triton_available() else "absent"
+    log(f"# bench/gpu_ttft.py on {where}, {time.strftime('%Y-%m-%d %H:%M')}")
+    log(f"# torch {torch.__version__}, transformers {transformers.__version__}, triton {tri}; "
+        f"model {a.model.name}: {r.num_layers} layers, {r.dtype}, placement {r.placement}; "
+        f"checkpoint built in {t_built - t_start:.0f} s, loaded in "
+        f"{time.perf_counter() - t_built:.0f} s")
+    log(f"# command: {' '.join(sys.argv)}")
+    corpus = ttft.body_tokens(engine, max(sizes) + 2 * HEADER_TOKENS)
+    rows = []
+    flex_ok = True
+    for n in sizes:
+        warm, edits = prompts(engine, n, corpus)
+        log(f"\n## {len(warm[0])}-token prompt ({n} body tokens in {SECTIONS} sections)")
+        t0 = time.perf_counter()
+        check_placement(engine, warm, edits["reorder"], a.k, log)
+        try:
+            check_attention(engine, warm, edits["header"], a.k, log)
+        except Exception as e:  # noqa: BLE001  (one GPU run: keep the other figures)
+            log(f"  FLEX FAILED ({type(e).__name__}: {str(e)[:300]}); flex cases run dense")
+            flex_ok = False
+        log(f"  checks took {time.perf_counter() - t0:.0f} s (flex compiles on first use)")
+        for edit_name, edit in edits.items():
+            cs = [(lab + ("" if flex_ok or att == "dense" else " (dense!)"), pol, arg,
+                   att if flex_ok else "dense") for lab, pol, arg, att in cases(a.k)]
+            times = {c[0]: [] for c in cs}
+            counts = {}
+            for rep in range(reps + 1):  # round-robin; round 0 warms allocator and compiler
+                for label, policy, args, attention in cs:
+                    t, counts[label] = timed_request(engine, warm, edit, policy, args, attention)
+                    if rep:
+                        times[label].append(t)
+            for label, policy, args, attention in cs:
+                place = place_seconds(engine, warm, edit, policy, args, attention)
+                med = statistics.median(times[label])
+                c = counts[label]
+                rows.append((len(edit[0]), edit_name, label, c, med, place))
+                log(f"  {edit_name:<8}{label:<16} TTFT {med * 1e3:8.1f} ms  place "
+                    f"{place * 1e3:6.2f} ms ({place / med:5.1%})  recomputed "
+                    f"{c.recomputed_tokens + c.new_tokens} of {c.prompt_tokens}")
+    log(f"\n# total {time.perf_counter() - t_start:.0f} s on {where}; TTFT = prefill + first "
+        f"token, median of {reps}; place = placement with the device synced at its edges")
+    log(f"{'prompt':>7} {'edit':<8}{'case':<16}{'exact':>6}{'reused':>7}{'recomp':>7}"
+        f"{'new':>6}{'TTFT ms':>9}{'vs prefix':>10}{'place ms':>9}{'share':>7}")
+    for n, edit_name, label, c, med, place in rows:
+        prefix = next(m for nn, e, lab, _, m, _ in rows
+                      if nn == n and e == edit_name and lab.startswith("prefix"))
+        log(f"{n:>7} {edit_name:<8}{label:<16}{c.exact_prefix_tokens:>6}{c.reused_tokens:>7}"
+            f"{c.recomputed_tokens:>7}{c.new_tokens:>6}{med * 1e3:>9.1f}{prefix / med:>9.2f}x"
+            f"{place * 1e3:>9.2f}{place / med:>7.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""Train the shipped MLA model (and its CacheClip auxiliary model) on one GPU in minutes.
+
+Usage, on an H100 (the corpus made once by ``train_data.py prepare``):
+    python examples/models/train_model.py --out DIR --minutes 8
+and on a CPU, to check the script end to end in a minute:
+    python examples/models/train_model.py --out /tmp/m --smoke
+
+The model is transformers' own DeepseekV2ForCausalLM with the ``irminsul-mla`` preset
+(presets.py), so the checkpoint loads wherever DeepSeek-V2 does; the aux model is the
+``irminsul-aux`` preset, trained on the same batches. The run is time-boxed: the learning-rate
+schedule follows elapsed time, not a step count, so the same command fits its budget on any
+GPU; the last ``--long-frac`` of the time trains on longer rows. At the end it prints and
+writes (training.json) the held-out loss, induction accuracy and retrieval accuracy at 2K and
+4K tokens, measured on transformers' own forward (engine_adapter/embedded/skill_eval.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import train_data
+
+from irminsul.chunking.tokenizer import ModelTokenizer
+from irminsul.engine_adapter.embedded import skill_eval
+from irminsul.engine_adapter.embedded.presets import preset_config
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Batches:
+    """Builds each step's rows on the GPU: corpus windows (half with a span copied later),
+    random-block repeat rows, and packed chat rows from the background pool."""
+
+    def __init__(self, corpus: np.ndarray, chat: train_data.ChatPool, vocab: int,
+                 first_id: int, bos: int, device, seed: int, shares: tuple[float, float]):
+        self.corpus = torch.from_numpy(corpus.astype(np.int64)).to(device)
+        self.pool = chat
+        self.chat: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.vocab, self.first_id, self.bos, self.device = vocab, first_id, bos, device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.chat_share, self.copy_share = shares
+
+    def refresh(self) -> None:
+        """Move the chat rows made since the last call to the GPU."""
+        for seq in self.pool.seqs:
+            new = self.pool.take(seq)
+            if new is None:
+                continue
+            ids = torch.from_numpy(new[0].astype(np.int64)).to(self.device)
+            w = torch.from_numpy(new[1]).to(self.device)
+            if seq in self.chat:
+                ids = torch.cat([self.chat[seq][0], ids])
+                w = torch.cat([self.chat[seq][1], w])
+            self.chat[seq] = (ids, w)
+
+    def _randint(self, low, high, n):
+        return torch.randint(low, high, (n,), generator=self.gen, device=self.device)
+
+    def text(self, n: int, seq: int):
+        starts = self._randint(0, len(self.corpus) - seq - 1, n)
+        pos = torch.arange(seq + 1, device=self.device)
+        rows = self.corpus[starts[:, None] + pos]
+        # half the rows repeat a span later: copying real text, the prefix-cache case's cousin
+        span = self._randint(8, 129, n)
+        a = (torch.rand(n, generator=self.gen, device=self.device) * (seq // 2 - span)).long()
+        b = a + span + (torch.rand(n, generator=self.gen, device=self.device)
+                        * (seq - 2 * span - a)).long()
+        inside = (pos >= b[:, None]) & (pos < (b + span)[:, None])
+        inside &= (torch.arange(n, device=self.device) % 2 == 0)[:, None]
+        src = torch.where(inside, pos - b[:, None] + a[:, None], pos)
+        return rows.gather(1, src), torch.ones(n, seq + 1, device=self.device)
+
+    def repeats(self, n: int, seq: int):
+        block = self._randint(8, 257, n)
+        tokens = torch.randint(self.first_id, self.vocab, (n, 256), generator=self.gen,
+                               device=self.device)
+        t = torch.arange(seq, device=self.device)
+        body = tokens.gather(1, t[None, :] % block[:, None])
+        rows = torch.cat([torch.full((n, 1), self.bos, device=self.device), body], dim=1)
+        w = torch.ones(n, seq + 1, device=self.device)
+        w[:, 1:] *= (t[None, :] >= block[:, None]).float()  # the first copy is unpredictable
+        return rows, w
+
+    def chat_rows(self, n: int, seq: int):
+        ids, w = self.chat[seq]
+        pick = self._randint(0, len(ids), n)
+        return ids[pick], w[pick]
+
+    def __call__(self, rows: int, seq: int):
+        # until the pool has rows of this length, text rows stand in for chat rows
+        n_chat = round(rows * self.chat_share) if seq in self.chat else 0
+        n_rep = round(rows * self.copy_share)
+        parts = [self.repeats(n_rep, seq), self.text(rows - n_chat - n_rep, seq)]
+        if n_chat:
+            parts.append(self.chat_rows(n_chat, seq))
+        ids = torch.cat([p[0] for p in parts])
+        w = torch.cat([p[1] for p in parts])
+        return ids[:, :-1], ids[:, 1:], w[:, 1:]
+
+
+def weighted_loss(model, x, y, w) -> torch.Tensor:
+    logits = model(input_ids=x).logits
+    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+    return (ce * w.flatten()).sum() / w.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def heldout_loss(model, heldout: np.ndarray, seq: int, device, rows: int = 64) -> float:
+    data = torch.from_numpy(heldout.astype(np.int64)).to(device)
+    n = min(rows, (len(data) - 1) // seq)
+    total, count = 0.0, 0
+    for i in range(0, n, 16):
+        starts = torch.arange(i, min(n, i + 16), device=device) * seq
+        rows_ = data[starts[:, None] + torch.arange(seq + 1, device=device)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=rows_[:, :-1]).logits
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), rows_[:, 1:].flatten(),
+                                       reduction="sum"))
+        count += rows_[:, 1:].numel()
+    return total / max(count, 1)
+
+
+def new_model(preset: str, special: dict, device, seed: int, init: Path | None = None):
+    from transformers import DeepseekV2ForCausalLM
+
+    if init is not None:  # a second stage starts from an earlier run's weights
+        model = DeepseekV2ForCausalLM.from_pretrained(init, dtype=torch.float32,
+                                                      attn_implementation="sdpa")
+        return model.to(device).train()
+    torch.manual_seed(seed)
+    cfg = preset_config(preset, **special)
+    cfg._attn_implementation = "sdpa"
+    return DeepseekV2ForCausalLM(cfg).to(device)
+
+
+def save(model, out: Path, tokenizer_dir: Path | None) -> None:
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.to(torch.bfloat16).eval()
+    model.config.dtype = "bfloat16"
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id, do_sample=False)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, out / name)
+
+
+def lr_at(progress: float, peak: float, warmup: float) -> float:
+    if progress < warmup:
+        return peak * progress / warmup
+    p = min(1.0, (progress - warmup) / (1 - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="writes OUT/irminsul-mla[/aux]")
+    ap.add_argument("--minutes", type=float, default=8.0, help="training time budget")
+    ap.add_argument("--corpus", type=Path, default=train_data.DEFAULT_CORPUS)
+    ap.add_argument("--tokenizer", type=Path, default=HERE / "tiny-mla")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--long-seq", type=int, default=4096)
+    ap.add_argument("--long-frac", type=float, default=0.25)
+    ap.add_argument("--batch-tokens", type=int, default=131072)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--aux-lr", type=float, default=3e-3)
+    ap.add_argument("--chat-share", type=float, default=0.45)
+    ap.add_argument("--copy-share", type=float, default=0.15)
+    ap.add_argument("--retrieval-share", type=float, default=0.6,
+                    help="share of chat samples that are retrieval prompts")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this checkpoint (OUT/irminsul-mla of an earlier run) "
+                         "and its aux/; the record adds up both stages' training time")
+    ap.add_argument("--warmup", type=float, default=0.04, help="share of time warming up")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole script")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.minutes, a.seq, a.long_seq, a.batch_tokens, a.workers = 0.4, 256, 512, 2048, 1
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tok = ModelTokenizer.from_dir(a.tokenizer)
+    gen_cfg = json.loads((a.tokenizer / "generation_config.json").read_text())
+    special = {k: gen_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    bos, pad = special["bos_token_id"], special["pad_token_id"]
+    stop = tuple(gen_cfg["eos_token_id"])
+    first_id = max(bos, pad, *stop) + 1  # the specials sit at the start of the vocabulary
+    vocab = preset_config("irminsul-mla").vocab_size
+
+    train, heldout = train_data.load_corpus(a.corpus)
+    log(f"corpus: {len(train) / 1e6:.2f} M train tokens, {len(heldout) / 1e3:.0f} K held out")
+    # long rows are needed only at the end, so they get a third of the workers' jobs
+    chat = train_data.ChatPool(a.tokenizer, {a.seq: 2, a.long_seq: 1}, a.seed, a.workers, pad,
+                               retrieval_share=a.retrieval_share)
+    batches = Batches(train, chat, vocab, first_id, bos, device, a.seed,
+                      (a.chat_share, a.copy_share))
+
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    log(f"device {device} ({gpu}), torch {torch.__version__}")
+    model = new_model("irminsul-mla", special, device, a.seed, a.init)
+    aux = new_model("irminsul-aux", special, device, a.seed + 1, a.init and a.init / "aux")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_aux = sum(p.numel() for p in aux.parameters())
+    log(f"model {n_params / 1e6:.1f} M params, aux {n_aux / 1e6:.1f} M")
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=fused)
+    opt_aux = torch.optim.AdamW(aux.parameters(), lr=a.aux_lr, betas=(0.9, 0.95),
+                                weight_decay=0.1, fused=fused)
+    budget = a.minutes * 60
+    t_train = time.perf_counter()
+    step, tokens, history = 0, 0, []
+    while True:
+        progress = (time.perf_counter() - t_train) / budget
+        if progress >= 1:
+            break
+        seq = a.long_seq if progress >= 1 - a.long_frac else a.seq
+        if step % 20 == 0:
+            batches.refresh()
+        x, y, w = batches(max(1, a.batch_tokens // seq), seq)
+        for m, o, peak in ((model, opt, a.lr), (aux, opt_aux, a.aux_lr)):
+            for g in o.param_groups:
+                g["lr"] = lr_at(progress, peak, a.warmup)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fused):
+                loss = weighted_loss(m, x, y, w)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            o.step()
+            o.zero_grad(set_to_none=True)
+            if m is model:
+                main_loss = loss
+        step += 1
+        tokens += x.numel()
+        if step % 50 == 0 or step == 1:
+            ml = float(main_loss.detach())
+            history.append((step, round(progress, 4), ml))
+            rate = tokens / (time.perf_counter() - t_train)
+            log(f"step {step} seq {seq} loss {ml:.3f} aux {float(loss.detach()):.3f} "
+                f"{rate / 1e6:.2f} M tok/s progress {progress:.0%}")
+    train_s = time.perf_counter() - t_train
+    chat.close()
+    log(f"trained {step} steps, {tokens / 1e6:.0f} M tokens in {train_s:.0f} s; chat rows made "
+        f"{chat.made}, used pools {({s: len(v[0]) for s, v in batches.chat.items()})}")
+
+    model.eval()
+    aux.eval()
+    small = a.smoke
+    ev = skill_eval.SkillEvalConfig(induction_seqs=4 if small else 64,
+                                    induction_len=20 if small else 100,
+                                    retrieval_prompts=2 if small else 100)
+    metrics = {"heldout_loss": heldout_loss(model, heldout, a.seq, device),
+               "aux_heldout_loss": heldout_loss(aux, heldout, a.seq, device)}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fused):
+        metrics["induction_accuracy"] = skill_eval.induction_accuracy(model, vocab, first_id,
+                                                                      bos, ev)
+        metrics["aux_induction_accuracy"] = skill_eval.induction_accuracy(aux, vocab, first_id,
+                                                                          bos, ev)
+        for n in ((300,) if small else (2048, 4096)):
+            cfg = skill_eval.SkillEvalConfig(retrieval_prompts=ev.retrieval_prompts,
+                                             retrieval_tokens=n)
+            acc, mean_len = skill_eval.retrieval_accuracy(model, tok, cfg, stop)
+            metrics[f"retrieval_accuracy@{n}"] = acc
+            metrics[f"retrieval_mean_tokens@{n}"] = round(mean_len)
+    for k, v in metrics.items():
+        log(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+
+    out = a.out / "irminsul-mla"
+    save(model, out, a.tokenizer)
+    save(aux, out / "aux", None)
+    record = {
+        "command": " ".join(["python", "examples/models/train_model.py", *(argv or sys.argv[1:])]),
+        "device": gpu, "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "date": time.strftime("%Y-%m-%d"), "steps": step, "tokens": tokens,
+        "train_seconds": round(train_s, 1),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "params": n_params, "aux_params": n_aux, "metrics": metrics,
+        "args": {k: str(v) for k, v in vars(a).items()}, "loss_history": history,
+    }
+    if a.init is not None:
+        before = json.loads((a.init / "training.json").read_text())
+        record["stages"] = [*before.get("stages", [before]), {k: record[k] for k in (
+            "command", "steps", "tokens", "train_seconds", "total_seconds", "metrics")}]
+        for stage in record["stages"]:
+            stage.pop("stages", None)
+            stage.pop("loss_history", None)
+        record["train_seconds_all_stages"] = round(
+            sum(s["train_seconds"] for s in record["stages"]), 1)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"wrote {out} in {record['total_seconds']} s total")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
