@@ -143,7 +143,7 @@ def main() -> None:
     print("\n5. Where the oracle's tokens go (proxy/oracle_causes.py; pic as the engine plans it,"
           f" carve-out {oracle.carve_tokens}, run rule, its prefix trie): misses, oracle as share"
           " of them, then as shares of the oracle: recov(ered) = served - trie (exact-prefix "
-          "tokens pic recomputes: its trie stops at a prompt's first reused token), carve, and "
+          "tokens pic recomputes: what its trie, exact part and approximate tails, misses), carve, and "
           "the oracle tokens lost: pfx-edge (chunk starts in the exact prefix), short (seen run"
           f" < min_tokens {default.min_tokens}), edge (chunk also holds new tokens), cut (all "
           "seen, never as this chunk); hit-out: hits outside the oracle; new/miss: tokens no "

@@ -31,6 +31,7 @@ import xxhash
 
 from .chat import ChatTemplateError
 from .layout_memo import HeaderBook, RenderMemo
+from .recent import common_prefix
 
 # A line that opens a section: "# Heading" (1-6 '#', then a blank), "<tag ...>" or "---";
 # or one that closes a tagged block, "</tag>": the block's last section then ends the same
@@ -87,12 +88,57 @@ class _Located(NamedTuple):
     re: int
 
 
-def _align(skel_text: str, text: str, messages: list[dict], expected: list[int]):
+class _Alignment(NamedTuple):
+    """One _align call's inputs and result, kept to align the next prompt's shared head."""
+
+    skel_text: str
+    text: str
+    contents: list  # message i's content, per located sentinel
+    found: list  # (message index, start, end) of each sentinel in skel_text
+    located: list
+
+
+def _reusable(last: _Alignment | None, skel_text: str, text: str, found, messages) -> int:
+    """How many leading entries of ``last.located`` the walk below would produce again.
+
+    Entry k is read from skel_text up to the next sentinel's start (its glue, its index and
+    the glue after it) and from text up to cur + len(content) + len(after) at most (every
+    candidate _content_len tries, the verbatim one being the longest, and find() stopping at
+    the chosen end). Equal inputs there, and the same content, give the same entry.
+    """
+    if last is None:
+        return 0
+    ps = common_prefix(last.skel_text, skel_text)
+    pt = common_prefix(last.text, text)
+    k, m = 0, min(len(last.located), len(found))
+    while k < m:
+        i, _, e = found[k]
+        nxt = found[k + 1][1] if k + 1 < len(found) else len(skel_text)
+        old = last.found
+        old_nxt = old[k + 1][1] if k + 1 < len(old) else len(last.skel_text)
+        if old[k] != found[k] or nxt != old_nxt or nxt > ps:
+            break  # sentinel, glue before it or glue after it ("after") not the same
+        content = messages[i]["content"]
+        if content != last.contents[k]:
+            break
+        if last.located[k].rs + len(content) + (nxt - e) > pt:
+            break
+        k += 1
+    return k
+
+
+def _align(skel_text: str, text: str, messages: list[dict], expected: list[int],
+           memo: RenderMemo | None = None):
     found = [(int(m.group(1)), m.start(), m.end()) for m in _SENTINEL_RE.finditer(skel_text)]
     if [f[0] for f in found] != expected:
         return None  # a content dropped, repeated or reordered by the template
-    located, cur, prev = [], 0, 0
-    for k, (i, s, e) in enumerate(found):
+    last = memo.last_alignment if memo is not None else None
+    k0 = _reusable(last, skel_text, text, found, messages)
+    located = last.located[:k0] if k0 else []
+    cur = located[-1].re if k0 else 0
+    prev = found[k0 - 1][2] if k0 else 0
+    for k in range(k0, len(found)):
+        i, s, e = found[k]
         glue = skel_text[prev:s]
         if not text.startswith(glue, cur):
             return None
@@ -103,7 +149,12 @@ def _align(skel_text: str, text: str, messages: list[dict], expected: list[int])
             return None
         located.append(_Located(i, s, e, cur, cur + n))
         cur, prev = cur + n, e
-    return located if text[cur:] == skel_text[prev:] else None
+    if text[cur:] != skel_text[prev:]:
+        return None
+    if memo is not None:
+        contents = [messages[f[0]]["content"] for f in found]
+        memo.last_alignment = _Alignment(skel_text, text, contents, found, located)
+    return located
 
 
 def chat_layout(
@@ -137,7 +188,7 @@ def chat_layout(
         if not skel_text:
             continue
         expected = [i for i, m in enumerate(skel) if m is not messages[i]]
-        located = _align(skel_text, text, messages, expected)
+        located = _align(skel_text, text, messages, expected, memo)
         if located is not None:
             return _from_alignment(
                 render, messages, skel, skel_text, located, add_generation_prompt, book, max_learn

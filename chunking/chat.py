@@ -42,6 +42,13 @@ def _raise_exception(message):
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    if not ensure_ascii and indent is None and separators is None and not sort_keys:
+        # a tool call's parsed arguments (shared, never mutated) are dumped once, not per turn
+        e = _DUMPS.get(id(x))
+        if e is not None and e[0] is x:  # the entry holds x: its id cannot have been reused
+            if e[1] is None:
+                e = _DUMPS[id(x)] = (x, json.dumps(x, ensure_ascii=False))
+            return e[1]
     return json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
     )
@@ -159,9 +166,11 @@ class ChatTemplate:
 
 
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+_REASONING_KEY_SET = frozenset(_REASONING_KEYS)
 
 
 _PARSED: dict[str, Any] = {}  # arguments string -> parsed object; resent every turn
+_DUMPS: dict[int, tuple[Any, str | None]] = {}  # id(parsed object) -> (it, its tojson)
 
 
 def _parse_arguments(text: str) -> Any:
@@ -170,7 +179,9 @@ def _parse_arguments(text: str) -> Any:
         v = json.loads(text)
         if len(_PARSED) >= 4096:
             _PARSED.clear()
+            _DUMPS.clear()
         _PARSED[text] = v  # shared between calls: nothing mutates it (immutable sandbox)
+        _DUMPS[id(v)] = (v, None)
     return v
 
 
@@ -252,7 +263,9 @@ def normalize_messages(
             raise ChatTemplateError(f"messages[{i}].content must be a string, a list or null")
         if "tool_calls" in msg:
             msg["tool_calls"] = _normalize_tool_calls(msg["tool_calls"], i, parse_arguments)
-        reasoning = next((msg[k] for k in _REASONING_KEYS if msg.get(k) is not None), None)
+        reasoning = None
+        if not _REASONING_KEY_SET.isdisjoint(msg):  # rare: no generator per message otherwise
+            reasoning = next((msg[k] for k in _REASONING_KEYS if msg.get(k) is not None), None)
         if reasoning is not None:
             msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
         out.append(msg)

@@ -67,6 +67,24 @@ class Encoded:
         )
         self._toks = tok_starts
         self._sections = self._find_sections(base, keep)
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None  # _chars, _toks as arrays
+
+    def chars_to_tokens(self, positions) -> list[int]:
+        """char_to_token of each position, vectorised for positions at a piece start (message
+        starts and content ends usually are: the template puts added tokens there)."""
+        if not len(positions):
+            return []
+        if self._arrays is None:
+            self._arrays = (np.asarray(self._chars, np.int64), np.asarray(self._toks, np.int64))
+        chars, toks = self._arrays
+        pos = np.asarray(positions, np.int64)
+        k = np.searchsorted(chars, pos, side="right") - 1
+        at_start = (k >= 0) & (chars[np.maximum(k, 0)] == pos)
+        out = np.where(at_start, toks[np.maximum(k, 0)], 0).tolist()
+        if not at_start.all():
+            for j in np.flatnonzero(~at_start).tolist():
+                out[j] = self.char_to_token(int(pos[j]))
+        return out
 
     def char_to_token(self, pos: int) -> int:
         """Index of the first token starting at or after char ``pos`` (a token that

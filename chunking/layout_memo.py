@@ -67,6 +67,9 @@ class RenderMemo:
         self.max_entries = max_entries
         self._d: OrderedDict[bytes, object] = OrderedDict()
         self._lock = threading.Lock()
+        # the last chat_layout alignment (anchors._Alignment), replaced whole per call: the
+        # next turn of a conversation re-walks only what follows the part it shares with it
+        self.last_alignment = None
 
     def get(self, key: bytes):
         with self._lock:

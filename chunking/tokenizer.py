@@ -268,7 +268,7 @@ class ModelTokenizer:
             ids = np.concatenate([ids, self._pieces.encode(prefix).ids])
             full_text = text + prefix
         to_tok = enc.char_to_token
-        starts = [to_tok(c) for c in lay.message_starts]
+        starts = enc.chars_to_tokens(lay.message_starts)
         if prefix:
             starts.append(len(enc.ids))
         anchors = set(starts)
@@ -284,7 +284,7 @@ class ModelTokenizer:
             anchors.update(toks[ok].tolist())
         n = len(ids)
         if not lay.exact:
-            anchors.update(_template_blocks(lay.contents, to_tok, sorted(anchors | {n})))
+            anchors.update(_template_blocks(lay.contents, enc, sorted(anchors | {n})))
         return Prompt(ids, tuple(sorted(a for a in anchors if 0 < a < n)), tuple(starts), full_text)
 
 
@@ -295,14 +295,11 @@ class ModelTokenizer:
 TEMPLATE_BLOCK_TOKENS = 32
 
 
-def _template_blocks(contents, to_tok, anchors: list[int]) -> list[int]:
+def _template_blocks(contents, enc: Encoded, anchors: list[int]) -> list[int]:
     """Token offsets where a content ends and TEMPLATE_BLOCK_TOKENS or more of template
     glue follow before the next anchor (``anchors`` sorted, ending with the prompt's length)."""
     out = []
-    for span in contents:
-        if span is None:
-            continue
-        t = to_tok(span[1])
+    for t in enc.chars_to_tokens([span[1] for span in contents if span is not None]):
         k = bisect_right(anchors, t)
         if k < len(anchors) and anchors[k] - t >= TEMPLATE_BLOCK_TOKENS:
             out.append(t)

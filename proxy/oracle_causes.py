@@ -27,6 +27,10 @@ prompt in its prefix trie only up to that prompt's first reused token (its KV af
 not bit-exact), so a later request repeating that prompt finds a shorter exact prefix and
 gets the rest as content hits, paying carve-outs the prefix cache did not: ``lost_trie``,
 counted against ``served`` (``recovered = served - lost_trie``, what replay measures).
+With the engine's approximate trie tails (EngineConfig.approx_trie, on by default) the trie
+also holds the rest of every earlier prompt, composed KV placed as it is: a later request gets
+its whole common prefix with them at no carve-out (reused, not exact), and ``lost_trie``
+keeps only what that does not reach.
 """
 
 from __future__ import annotations
@@ -93,26 +97,29 @@ def _run_lengths(mask: np.ndarray) -> np.ndarray:
 
 
 def classify(d: Detail, carve_tokens: int, min_tokens: int,
-             pic_exact: int | None = None) -> tuple[Causes, int]:
+             pic_exact: int | None = None, pic_tail: int | None = None) -> tuple[Causes, int]:
     """The causes of one analysed request (``Analyzer.last``) and the end of the exact KV
     pic's engine stores in its prefix trie (the whole chunks before the first reused token).
 
     ``pic_exact``: the exact prefix pic's engine finds (its trie holds only the exact part of
     earlier prompts); None: the same as the prefix cache's. Tokens between the two that pic
-    recomputes are ``lost_trie``.
+    recomputes are ``lost_trie``. ``pic_tail``: where the trie's approximate tail that goes on
+    from there ends (None: no tail); its tokens are reused as they are, with no carve-out.
     """
     n, exact = len(d.ids), d.exact
     lo = exact if pic_exact is None else min(pic_exact, exact)
+    hi = lo if pic_tail is None else max(lo, min(pic_tail, n))  # planner.make_plan's a_end
     hit = np.zeros(n, dtype=bool)
     carve = np.zeros(n, dtype=bool)
+    hit[lo:hi] = True
     carve_left = 0
     for i, ref in enumerate(d.refs):
-        if ref.end <= lo:
+        if ref.end <= hi:
             continue
         if not d.hits[i]:
             carve_left = 0  # computed tokens: exact KV for whatever follows
             continue
-        start = max(ref.start, lo)
+        start = max(ref.start, hi)
         hit[start : ref.end] = True
         continues = (start == ref.start and i > 0 and d.stored_prev[i] is not None
                      and d.stored_prev[i] == d.refs[i - 1].key)
@@ -156,28 +163,39 @@ def classify(d: Detail, carve_tokens: int, min_tokens: int,
 
 
 def analyze_causes(items: Iterable[Item], chunker: Chunker,
-                   config: OracleConfig | None = None, *,
-                   engine_trie: bool = True) -> list[tuple[Recovery, Causes]]:
+                   config: OracleConfig | None = None, *, engine_trie: bool = True,
+                   approx_trie: bool = True) -> list[tuple[Recovery, Causes]]:
     """oracle.analyze's rows, each with its causes (carve-out: ``config.carve_tokens``).
 
-    ``engine_trie``: model pic's engine, whose prefix trie holds an earlier prompt only up to
-    its first reused token (prefill.commit); False: pic finds the prefix cache's exact prefix.
+    ``engine_trie``: model pic's engine, whose prefix trie holds an earlier prompt exactly
+    only up to its first reused token (prefill.commit); False: pic finds the prefix cache's
+    exact prefix. ``approx_trie`` (with ``engine_trie``): the trie holds the rest of each
+    earlier prompt as its approximate tail (EngineConfig.approx_trie).
     """
     config = config if config is not None else OracleConfig()
     analyzer = Analyzer(chunker, config)
     trie: dict[str, list[np.ndarray]] = {}  # session -> exact parts pic's engine stored
+    tails: dict[str, list[np.ndarray]] = {}  # session -> whole prompts (exact + tail)
+
+    def scoped(stored: dict[str, list[np.ndarray]], session: str) -> list[np.ndarray]:
+        return (stored.get(session, []) if config.prefix_scope == "session"
+                else [a for seqs in stored.values() for a in seqs])
+
     out = []
     for it in items:
         row = analyzer.add(it)
         d = analyzer.last
-        pic_exact = None
+        pic_exact = pic_tail = None
         if engine_trie:
-            earlier = (trie.get(it.session, []) if config.prefix_scope == "session"
-                       else [a for seqs in trie.values() for a in seqs])
-            pic_exact = max((common_prefix(a, d.ids) for a in earlier), default=0)
+            pic_exact = max((common_prefix(a, d.ids) for a in scoped(trie, it.session)),
+                            default=0)
+            if approx_trie:
+                pic_tail = max((common_prefix(a, d.ids) for a in scoped(tails, it.session)),
+                               default=0)
         causes, trie_end = classify(d, config.carve_tokens, chunker.config.min_tokens,
-                                    pic_exact)
+                                    pic_exact, pic_tail)
         trie.setdefault(it.session, []).append(d.ids[:trie_end])
+        tails.setdefault(it.session, []).append(d.ids)
         out.append((row, causes))
     return out
 

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from irminsul.chunking.keys import Chunker
+from irminsul.chunking.reuse import ReusingChunker
 from irminsul.engine_adapter.contract import Annotation, ChunkRef, seq_hash
 from irminsul.proxy.divergence import Divergence, PromptView, SessionTracker
 
@@ -96,6 +97,7 @@ class Pipeline:
         self.chunker = chunker
         self.model_fingerprint = model_fingerprint
         self.seen = SeenChunks(seen_tokens)
+        self.reuse = ReusingChunker()  # keeps the unchanged head's chunks of recent prompts
         self.tracker = tracker or SessionTracker()
         self._turns: OrderedDict[str, int] = OrderedDict()
         self._max_sessions = max_sessions
@@ -119,8 +121,8 @@ class Pipeline:
         prompt = self.tokenize(source)
         ids = np.asarray(prompt.ids, dtype=np.int32)
         anchors = tuple(int(a) for a in prompt.anchors)
-        chunks = self.chunker.split(ids, anchors=anchors, namespace=namespace,
-                                    model_fingerprint=self.model_fingerprint)
+        chunks = self.reuse.split(self.chunker, ids, anchors=anchors, namespace=namespace,
+                                  model_fingerprint=self.model_fingerprint)
         annotation = Annotation(num_tokens=len(ids), seq_hash=seq_hash(ids), chunks=chunks,
                                 anchors=anchors, namespace=namespace,
                                 model_fingerprint=self.model_fingerprint, session=session)

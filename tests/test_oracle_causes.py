@@ -25,10 +25,11 @@ FOUR = Chunker(ChunkerConfig(min_tokens=4, avg_tokens=4, max_tokens=4))  # cuts 
 CFG = OracleConfig(prefix_scope="global", oracle_min_tokens=4, carve_tokens=2)
 
 
-def causes(*prompts, anchors=None, engine_trie=False, config=CFG):
+def causes(*prompts, anchors=None, engine_trie=False, config=CFG, approx_trie=True):
     anchors = anchors or [()] * len(prompts)
     items = [Item("s", k, "f", np.array(p), a) for k, (p, a) in enumerate(zip(prompts, anchors))]
-    return [c for _, c in analyze_causes(items, FOUR, config, engine_trie=engine_trie)]
+    return [c for _, c in analyze_causes(items, FOUR, config, engine_trie=engine_trie,
+                                         approx_trie=approx_trie)]
 
 
 def test_served_and_carved_follow_the_planner_run_rule():
@@ -76,11 +77,23 @@ def test_engine_trie_loses_what_pic_reused_before():
     third = [9, 9, 9, 9, *docs, 5, 6, 7, 8, 1, 1, 1, 1]  # repeats the second whole
     plain = causes(first, second, third, anchors=[(), (4,), (4,)])[2]
     assert plain.lost_trie == 0 and plain.misses == 4
-    engine = causes(first, second, third, anchors=[(), (4,), (4,)], engine_trie=True)[2]
+    engine = causes(first, second, third, anchors=[(), (4,), (4,)], engine_trie=True,
+                    approx_trie=False)[2]
     # pic's engine stored the second prompt's exact part only up to its first reused token
     # (4): the docs come back as content hits, the run carved (2), then the tail chunk
     # [5..8] continues the run
     assert engine.lost_trie == 2 and engine.recovered == plain.recovered - 2
+    # with the trie's approximate tail the second prompt is there whole: the third places
+    # it as it is (no carve-out), and the new chunk [1, 1, 1, 1] is computed
+    tail = causes(first, second, third, anchors=[(), (4,), (4,)], engine_trie=True)[2]
+    assert tail.lost_trie == 0 and tail.recovered == plain.recovered
+    assert (tail.served, tail.carve, tail.new) == (plain.served, plain.carve, 4)
+    # a third prompt that leaves the second after 10 tokens: the tail serves up to there,
+    # then the docs' last chunk [108..111] hits by content and is carved again
+    left = [9, 9, 9, 9, 100, 101, 102, 103, 104, 105, 7, 7, 108, 109, 110, 111, 5, 6]
+    c = causes(first, second, left, anchors=[(), (4,), (4, 10, 12)], engine_trie=True)[2]
+    assert c.lost_trie == 0 and c.misses == 8  # exact prefix: 10 tokens of the second
+    assert (c.served, c.carve) == (2, 2)  # [108..111] after the new [7, 7]: carved 2
 
 
 def test_identities_on_committed_traces():

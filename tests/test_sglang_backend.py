@@ -169,6 +169,7 @@ class Engine:
         self.cache.attach(config, plugin.rope_spec_from_sglang(rope), self.pool)
         self.raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # rid -> (c_kv, raw k)
         self.n = 0
+        self.total = self.alloc.available_size()
 
     def request(self, ids, anchors=(), *, namespace="", extra_key=None) -> Req:
         self.n += 1
@@ -298,7 +299,7 @@ def test_content_hit_is_placed_rotated_and_never_enters_the_tree(rope, docs):
     assert (counts.exact_prefix_tokens, counts.reused_tokens) == (exact, len(doc2))
     assert counts.recomputed_tokens == len(doc1)  # hits behind the hole are computed
     assert counts.prompt_tokens == len(b_ids)
-    assert b.skip_radix_cache_insert and b.already_computed == placed
+    assert not b.skip_radix_cache_insert and b.already_computed == placed
 
     b_row = eng.prefill(b, seed=2)
     assert torch.equal(b_row[:exact], a_row[:exact])  # shared prefix slots
@@ -319,7 +320,11 @@ def test_content_hit_is_placed_rotated_and_never_enters_the_tree(rope, docs):
 
     eng.finish(b)
     assert eng.exact_match(b_ids) == exact  # composed KV is no exact radix key
-    assert eng.alloc.available_size() == free_before  # placed + computed slots freed
+    # ... it is kept under the derived key (tokens [exact, N)); nothing else is held
+    assert eng.alloc.available_size() == free_before - (len(b_ids) - exact)
+    eng.cache.evict(EvictParams(num_tokens=SLOTS))
+    assert eng.exact_match(a_ids) == 0
+    assert eng.alloc.available_size() == eng.total  # SGLang's eviction freed them too
 
 
 def test_bfloat16_pool_places_within_one_rounding(rope, docs):
@@ -472,7 +477,14 @@ def test_paged_pool_places_whole_pages(rope):
         fresh = _fresh_kpe(rope, a_raw[layer, src], torch.arange(placed))
         torch.testing.assert_close(got_kpe[layer], fresh, rtol=1e-5, atol=2e-5)
     eng.finish(b)
-    assert eng.alloc.available_size() == free_before
+    # b's whole pages stay in the tree under the composed key (its exact prefix is empty)
+    assert eng.alloc.available_size() == free_before - len(b_ids) // 4 * 4
+    c = eng.request(b_ids + q)  # the next turn matches them, whole pages only
+    assert eng.admit(c) == len(b_ids) // 4 * 4
+    eng.prefill(c, seed=11)
+    eng.finish(c)
+    eng.cache.evict(EvictParams(num_tokens=SLOTS))
+    assert eng.alloc.available_size() == eng.total
 
 
 def test_tenants_and_extra_keys_never_share_content(rope, docs):
@@ -495,3 +507,143 @@ def test_selecting_the_backend_on_another_sglang_is_refused(rope, monkeypatch):
     monkeypatch.setattr(sglang, "__version__", "0.5.24")
     with pytest.raises(plugin.IncompatibleSGLang, match="0.5.24"):
         registry.create_tree_cache(_build_ctx(rope, "irminsul"))
+
+
+def _conversation(eng: Engine, docs):
+    """Turn 1 (exact: sys, doc1, doc2, tail), turn 2 (sys, doc2, gap, doc1, q: doc2 placed,
+    the rest computed, doc1 behind the hole). Returns (turn-2 ids, its row, exact length)."""
+    sys_, doc1, doc2, tail, gap, q = docs
+    a = eng.request(*_with_anchors(sys_, doc1, doc2, tail))
+    eng.admit(a)
+    eng.prefill(a, seed=20)
+    eng.finish(a)
+    b_ids, b_anchors = _with_anchors(sys_, doc2, gap, doc1, q)
+    b = eng.request(b_ids, b_anchors)
+    assert eng.admit(b) == len(doc2)
+    b_row = eng.prefill(b, seed=21)
+    eng.finish(b)
+    return b, b_ids, b_row, len(sys_)
+
+
+def test_next_turn_extends_the_composed_prompt_without_recompute(rope, docs):
+    sys_, doc1, doc2, _tail, _gap, _q = docs
+    eng = Engine(rope)
+    b, b_ids, b_row, exact = _conversation(eng, docs)
+    answer, q2 = _segments(99, (30, 12))
+    c_ids = b_ids + answer + q2  # turn 3 repeats turn 2's prompt and appends to it
+    c = eng.request(c_ids)
+    served = eng.admit(c)
+    assert served == len(b_ids) - exact  # all of turn 2 past the exact prefix: doc1 too
+    assert c.prefix_len == len(b_ids)
+    counts = getattr(c, REQ_COUNTS_ATTR)
+    assert counts.exact_prefix_tokens == exact
+    assert counts.reused_tokens == served
+    assert counts.recomputed_tokens == 0  # no hole left: only the new tokens are computed
+    assert counts.new_tokens == len(answer) + len(q2)
+    assert c.already_computed == served  # SGLang's cached_tokens stays the exact prefix
+    assert c.kv.cache_protected_len == len(b_ids)  # composed slots are the tree's, not c's
+    c_row = eng.prefill(c, seed=22)
+    assert torch.equal(c_row[: len(b_ids)], b_row)  # turn 2's slots, shared through the tree
+    # ... holding what turn 2 left there: doc2 as placed from turn 1, the rest as computed
+    b_ckv = eng.raw[b.rid][0]
+    placed_end = exact + len(doc2)
+    got_ckv, _ = eng.read(c_row[placed_end : len(b_ids)])
+    assert torch.equal(got_ckv, b_ckv[:, placed_end : len(b_ids)])
+    a_ckv = eng.raw["r1"][0]
+    got_ckv, _ = eng.read(c_row[exact:placed_end])
+    doc2_in_a = slice(len(sys_) + len(doc1), len(sys_) + len(doc1) + len(doc2))
+    assert torch.equal(got_ckv, a_ckv[:, doc2_in_a])
+
+    free_before = eng.alloc.available_size()
+    eng.finish(c)
+    assert eng.exact_match(c_ids) == exact  # still no exact key past the exact prefix
+    # c's new tokens joined the composed tree; nothing of c's is left unowned
+    assert eng.alloc.available_size() == free_before
+    d = eng.request(c_ids + _segments(5, (8,))[0])
+    assert eng.admit(d) == len(c_ids) - exact  # turn 4 gets turn 3's composed prompt
+    eng.prefill(d, seed=25)
+    eng.finish(d)
+
+
+def test_composed_entries_match_only_their_own_tokens_and_scope(rope, docs):
+    eng = Engine(rope)
+    _b, b_ids, _row, exact = _conversation(eng, docs)
+    ext = _segments(98, (20,))[0]
+    # a plain request with the same tokens never sees composed KV as exact
+    assert eng.exact_match(b_ids + ext) == exact
+    # other tenant, other SGLang namespace: nothing composed (their exact prefix is 0)
+    assert eng.admit(eng.request(b_ids + ext, namespace="tenant-b")) == 0
+    assert eng.admit(eng.request(b_ids + ext, extra_key="lora-x")) == 0
+    # same tokens after a different exact prefix: the key derives from that prefix
+    other = eng.request(_segments(97, (40,))[0] + b_ids[exact:] + ext)
+    eng.admit(other)
+    assert other.prefix_len == 0
+    # token IDs are compared: a change right after the exact prefix ends the composed match
+    changed = list(b_ids)
+    changed[exact + 5] ^= 1
+    e = eng.request(changed + ext)
+    served = eng.admit(e)
+    assert served == 5  # the five composed tokens before the change, nothing past it
+    assert getattr(e, REQ_COUNTS_ATTR).reused_tokens == 5
+    # a client naming an irminsul~ extra_key gets no composition at all
+    assert eng.admit(eng.request(b_ids + ext, extra_key="irminsul~x")) == 0
+
+
+def test_composed_entries_are_evicted_by_sglang_and_locked_while_in_use(rope, docs):
+    eng = Engine(rope)
+    _b, b_ids, _row, exact = _conversation(eng, docs)
+    ext = _segments(96, (20,))[0]
+    c = eng.request(b_ids + ext)
+    served = eng.admit(c)
+    assert served == len(b_ids) - exact
+    eng.prefill(c, seed=23)
+    eng.cache.evict(EvictParams(num_tokens=SLOTS))  # c holds locks on both paths
+    assert eng.exact_match(b_ids) == exact
+    held = eng.request(b_ids + ext + [7])
+    assert eng.admit(held) == len(b_ids) - exact  # the locked composed path survived
+    eng.prefill(held, seed=24)
+    eng.finish(held)
+    eng.finish(c)
+    eng.cache.evict(EvictParams(num_tokens=SLOTS))
+    assert eng.alloc.available_size() == eng.total  # composed nodes freed like any other
+    again = eng.request(b_ids + ext)
+    assert eng.admit(again) == 0  # nothing composed (or exact) is left
+    assert getattr(again, REQ_COUNTS_ATTR, None) is None
+
+
+def test_composed_checkpoints_mid_prefill_and_dedups_twins(rope, docs):
+    """A chunked prefill publishes its composed tokens at each checkpoint; two requests
+    composing the same prompt at once end with one copy in the tree (SGLang's insert frees
+    the second one's duplicates and the row is repointed), and no slot leaks."""
+    from sglang.srt.mem_cache.common import checkpoint_kv_cache
+
+    sys_, doc1, doc2, tail, gap, q = docs
+    eng = Engine(rope)
+    a_ids, a_anchors = _with_anchors(sys_, doc1, doc2, tail)
+    a = eng.request(a_ids, a_anchors)
+    eng.admit(a)
+    eng.prefill(a, seed=30)
+    eng.finish(a)
+    b_ids, b_anchors = _with_anchors(sys_, doc2, gap, doc1, q)
+    twins = [eng.request(b_ids, b_anchors) for _ in range(2)]
+    rows = []
+    for seed, req in enumerate(twins):
+        assert eng.admit(req) == len(doc2)
+        rows.append(eng.prefill(req, seed=31 + seed))
+    exact, half = len(sys_), len(b_ids) // 2
+    first = twins[0]
+    first.extend_end = half  # as if the first chunk of a chunked prefill ended here
+    checkpoint_kv_cache(first, eng.cache)
+    assert first.kv.cache_protected_len == half
+    assert eng.exact_match(b_ids) == exact
+    eng.finish(first)
+    eng.finish(twins[1])
+    held = len(a_ids) + len(b_ids) - exact  # a exactly, one composed copy of b's tail
+    assert eng.alloc.available_size() == eng.total - held
+    c = eng.request(b_ids + q)
+    assert eng.admit(c) == len(b_ids) - exact
+    c_row = eng.prefill(c, seed=40)
+    assert torch.equal(c_row[: len(b_ids)], rows[0])  # the first twin's copy won
+    eng.finish(c)
+    eng.cache.evict(EvictParams(num_tokens=SLOTS))
+    assert eng.alloc.available_size() == eng.total

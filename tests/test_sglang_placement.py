@@ -214,3 +214,31 @@ def test_sglang_command_adds_backend_and_whitelist():
     out = CliRunner().invoke(sglang_command, ["--dry-run", "--model-path", "m"],
                              catch_exceptions=False)
     assert out.exit_code == 0 and "--radix-cache-backend irminsul" in out.output
+
+
+def test_composed_key_separates_every_scope_and_prefix():
+    from irminsul.engine_adapter.sglang.composed import (
+        COMPOSED_PREFIX,
+        composed_key,
+        is_composed_key,
+    )
+
+    secret = bytes(range(16))
+    base = composed_key(secret, None, None, "", [1, 2, 3])
+    assert is_composed_key(base) and base.startswith(COMPOSED_PREFIX)
+    assert base == composed_key(secret, None, None, "", [1, 2, 3])  # deterministic per secret
+    others = [
+        composed_key(secret, "", None, "", [1, 2, 3]),  # "" is not None
+        composed_key(secret, "lora", None, "", [1, 2, 3]),
+        composed_key(secret, None, "salt", "", [1, 2, 3]),
+        composed_key(secret, None, None, "tenant", [1, 2, 3]),
+        composed_key(secret, None, None, "", [1, 2]),
+        composed_key(secret, None, None, "", []),
+        composed_key(bytes(16), None, None, "", [1, 2, 3]),
+        composed_key(secret, "a", "b", "", [1]),
+        composed_key(secret, "a", None, "b", [1]),  # framed: fields never run together
+    ]
+    assert len({base, *others}) == len(others) + 1
+    assert not is_composed_key(None) and not is_composed_key("lora")
+    with pytest.raises(ValueError, match="secret"):
+        composed_key(b"short", None, None, "", [1])

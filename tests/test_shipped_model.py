@@ -81,3 +81,26 @@ def test_quality_harness_invariants_on_the_shipped_model():
         rows = [r for r in report.results if r.policy == name]
         assert all(r.reused > 0 for r in rows)
         assert cells[name].recompute_ratio <= 0.25
+
+
+async def test_doctor_passes_with_a_real_quality_threshold(aiohttp_server):
+    """`irminsul doctor` against `irminsul serve`'s app on the trained model, with the doctor's
+    default agreement threshold (0.5) and more: the check random-weight models cannot pass."""
+    import asyncio
+
+    from click.testing import CliRunner
+
+    from irminsul.engine_adapter.doctor import doctor_command
+    from irminsul.engine_adapter.embedded.config import EngineConfig
+    from irminsul.engine_adapter.embedded.engine import Engine
+    from irminsul.engine_adapter.embedded.server import create_engine_app
+
+    engine = Engine(EngineConfig(model_dir=str(MODEL), device="cpu", dtype="float32"))
+    server = await aiohttp_server(create_engine_app(engine))
+    args = ["--upstream", str(server.make_url("")), "--model-dir", str(MODEL), "--policy", "pic",
+            "--content-tokens", "400", "--tokens", "16", "--min-agreement", "0.9"]
+    result = await asyncio.to_thread(CliRunner().invoke, doctor_command, args)
+    assert result.exit_code == 0, result.output
+    assert "PASS  greedy agreement pic vs full" in result.output, result.output
+    assert "content hits reported" in result.output
+    assert "all checks passed" in result.output

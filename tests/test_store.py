@@ -159,3 +159,79 @@ def test_prefix_walk_descends_edges_that_do_not_align_with_chunks():
     # The request is chunked differently: no chunk key equals an edge key.
     m = store.match_prefix("", request, refs(request, [(0, 6), (6, 11)]))
     assert m.length == 8 and [n for _, n in m.parts] == [4, 4]
+
+
+def test_approximate_tail_is_returned_apart_and_only_when_asked():
+    store = ChunkStore(100 * SIZE)
+    ids = np.arange(300, 316, dtype=np.int32)
+    spans = [(0, 4), (4, 8), (8, 12), (12, 16)]
+    path = [(key(ids[s:e]), entry(ids[s:e], s)) for s, e in spans]
+    assert store.insert_prefix("", path, approximate_from=1) == 16  # [0, 4) exact, then tail
+    st = store.stats()
+    assert (st.prefix_nodes, st.approx_nodes) == (4, 3)
+    longer = np.concatenate([ids, [7, 7]]).astype(np.int32)
+    chunks = refs(longer, [*spans, (16, 18)])
+    m = store.match_prefix("", longer, chunks)  # the exact trie alone, as before
+    assert m.length == 4 and m.tail == () and m.end == 4
+    m = store.match_prefix("", longer, chunks, approximate=True)
+    assert m.length == 4 and [e for e, _ in m.parts] == [path[0][1]]
+    assert [(e, off, n) for e, off, n in m.tail] == [(e, 0, 4) for _, e in path[1:]]
+    assert m.end == 16 and store.stats().approx_tokens == 12
+    # a request that leaves the prompt inside the third edge: its first 2 tokens only
+    other = ids.copy()
+    other[10] = 1
+    m = store.match_prefix("", other, refs(other, spans), approximate=True)
+    assert m.length == 4 and [n for _, _, n in m.tail] == [4, 2]
+
+
+def test_approximate_tail_never_becomes_exact_and_never_mixes():
+    store = ChunkStore(100 * SIZE)
+    ids = np.arange(400, 412, dtype=np.int32)
+    spans = [(0, 4), (4, 8), (8, 12)]
+    approx = [(key(ids[s:e]), entry(ids[s:e], s)) for s, e in spans]
+    store.insert_prefix("", approx, approximate_from=1)
+    # the same tokens computed exactly later: exact edges beside the tail, the tail kept
+    exact = [(key(ids[s:e]), entry(ids[s:e], s)) for s, e in spans]
+    assert store.insert_prefix("", exact) == 12
+    m = store.match_prefix("", ids, refs(ids, spans), approximate=True)
+    assert m.length == 12 and [e for e, _ in m.parts] == [approx[0][1], *(e for _, e in exact[1:])]
+    assert m.tail == ()
+    assert store.stats().approx_nodes == 2 and approx[1][1].node.approx
+    # another approximation of the same tokens does not go under the first one's edge
+    store2 = ChunkStore(100 * SIZE)
+    first = [(key(ids[s:e]), entry(ids[s:e], s)) for s, e in spans]
+    store2.insert_prefix("", first, approximate_from=1)
+    again = [first[0], *((key(ids[s:e]), entry(ids[s:e], s)) for s, e in spans[1:])]
+    assert store2.insert_prefix("", again, approximate_from=1) == 4
+    assert store2.stats().approx_nodes == 2
+
+
+def test_forged_tail_edge_is_a_miss():
+    store = ChunkStore(100 * SIZE)
+    ids = np.arange(500, 512, dtype=np.int32)
+    spans = [(0, 4), (4, 8), (8, 12)]
+    forged = (ids[4:8] + 1000).astype(np.int32)  # other tokens under the chunk's key
+    path = [(key(ids[0:4]), entry(ids[0:4], 0)), (key(ids[4:8]), entry(forged, 4))]
+    store.insert_prefix("", path, approximate_from=1)
+    m = store.match_prefix("", ids, refs(ids, spans), approximate=True)
+    assert m.length == 4 and m.tail == () and store.stats().collisions == 1
+
+
+def test_tail_eviction_and_pins():
+    store = ChunkStore(4 * SIZE)
+    ids = np.arange(600, 616, dtype=np.int32)
+    spans = [(0, 4), (4, 8), (8, 12), (12, 16)]
+    path = [(key(ids[s:e]), entry(ids[s:e], s)) for s, e in spans]
+    store.insert_prefix("", path, approximate_from=2)
+    m = store.match_prefix("", ids, refs(ids, spans), approximate=True)
+    tail = [e for e, _, _ in m.tail]
+    store.acquire(tail)
+    # no room: the leaf is pinned and every other node has a child
+    assert not store.put(key([1, 2, 3, 4]), entry([1, 2, 3, 4]))
+    store.release(tail)
+    assert store.put(key([1, 2, 3, 4]), entry([1, 2, 3, 4]))  # the leaf tail edge goes
+    st = store.stats()
+    assert st.evictions == 1 and (st.prefix_nodes, st.approx_nodes) == (3, 1)
+    m = store.match_prefix("", ids, refs(ids, spans), approximate=True)
+    assert m.length == 8 and m.end == 12
+    assert st.bytes <= st.capacity_bytes

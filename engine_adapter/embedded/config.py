@@ -83,6 +83,10 @@ class EngineConfig:
     audit_max_kl: float | None = None
     audit_min_agreement: float | None = None
     audit_db: str | None = None
+    # Keep a prompt's composed KV after its first reused token in the prefix trie as an
+    # approximate tail (store.py): a next turn repeating the prompt places it as it is,
+    # counted as reused, with no new carve-outs (content policies only).
+    approx_trie: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_dir, str) or not self.model_dir:
@@ -115,6 +119,8 @@ class EngineConfig:
                              f"got {self.clip_model_dir!r}")
         if not isinstance(self.self_check, bool):
             raise TypeError(f"self_check must be a bool, got {self.self_check!r}")
+        if not isinstance(self.approx_trie, bool):
+            raise TypeError(f"approx_trie must be a bool, got {self.approx_trie!r}")
         for name in ("check_rope_tol", "check_max_kl", "check_min_agreement", "audit_max_kl",
                      "audit_min_agreement", "audit_rate"):
             v = getattr(self, name)

@@ -269,10 +269,12 @@ class Engine:
         # clip: the auxiliary forward starts first (on its thread when the model is on a GPU).
         job = None if name != "clip" else self.clip.start(ids, self._clip_background)
         chunks = self._chunks(ids, annotation, anchors, namespace)
-        plan = make_plan(self.store, ids, chunks, policy=name, args=args, namespace=namespace)
+        approx = self.config.approx_trie
+        plan = make_plan(self.store, ids, chunks, policy=name, args=args, namespace=namespace,
+                         approximate=approx)
         try:
             outcome = run_prefill(self.runner, plan, capacity, job)
-            path = commit(self.store, plan, outcome, namespace)
+            path = commit(self.store, plan, outcome, namespace, approximate=approx)
         finally:
             self.store.release(plan.entries)
         if self.runner.device.type == "cuda":

@@ -3,7 +3,9 @@
 Per token the source is one of
 
 * PREFIX     - the longest exact cached prefix (prefix trie; bit-identical to a prefill);
-* REUSED     - a content hit: c_KV copied, k_pe δ-rotated from where it was computed;
+* REUSED     - a content hit: c_KV copied, k_pe δ-rotated from where it was computed; or
+               the prefix trie's approximate tail (store.py): an earlier prompt's composed
+               KV at the same positions, placed as it is, with no carve-out;
 * RECOMPUTED - in a hit, but computed anyway (pic's first k tokens of each placed run,
                blend's most-deviating tokens, clip's windows, the last prompt token whose
                logits we need);
@@ -18,6 +20,11 @@ layers 1.., the fraction r of placed tokens whose layer-1 KV deviates most from 
 (which ones is decided while running; how many is fixed here); ``clip`` (CacheClip, clip.py)
 places content hits like blend and recomputes as many placed tokens, in windows chosen by an
 auxiliary model's attention from the end of the prompt.
+
+With ``approximate`` (EngineConfig.approx_trie) the three content policies also take the
+trie's approximate tail after the exact prefix: tokens counted as reused, never as exact
+prefix, and not offered to blend's or clip's selection (they were chosen over once, when
+that earlier prompt composed them). ``full`` and ``prefix`` never see the tail.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ class Plan(NamedTuple):
     blend_candidates: np.ndarray  # int64 placed positions blend (or clip) chooses from
     blend_count: int  # how many of them blend (or clip) recomputes
     counts: ReuseCounts
+    approx_end: int = 0  # [prefix_len, approx_end): the trie's approximate tail, placed as is
 
     @property
     def entries(self) -> list[KVEntry]:
@@ -95,31 +103,40 @@ def make_plan(
     policy: str,
     args: PolicyArgs,
     namespace: str = "",
+    approximate: bool = False,
 ) -> Plan:
     """Plan a prefill of ``ids`` (chunks tile it). Pins the entries it uses in ``store``:
-    the caller must ``store.release(plan.entries)`` when the prefill is done."""
+    the caller must ``store.release(plan.entries)`` when the prefill is done.
+    ``approximate``: content policies also use the trie's approximate tail."""
     n = len(ids)
     if n == 0:
         raise ValueError("cannot plan an empty prompt")
     source = np.full(n, NEW, dtype=np.int8)
     prefix = PrefixMatch((), 0)
+    content = policy in ("pic", "blend", "clip")
     if policy != "full":
-        prefix = store.match_prefix(namespace, ids, chunks)
+        prefix = (store.match_prefix(namespace, ids, chunks, approximate=True)
+                  if approximate and content else store.match_prefix(namespace, ids, chunks))
     p_len = min(prefix.length, n - 1)  # the last token is always computed: we need its logits
     source[:p_len] = PREFIX
     placements: list[Placement] = []
     hits: list[int] = []
-    if policy in ("pic", "blend", "clip"):
+    a_end = p_len  # the tail starts where the exact prefix ends (prefix.length < n then)
+    for entry, off, used in prefix.tail:  # same positions: no rotation, no carve-out
+        placements.append(Placement(entry, off, a_end, used))
+        source[a_end : a_end + used] = REUSED
+        a_end += used
+    if content:
         carve_left = 0  # pic: tokens of the current run's carve-out still to recompute
         for i, ref in enumerate(chunks):
-            if ref.end <= p_len:
+            if ref.end <= a_end:
                 continue
             entry = store.lookup(ref.key, ids[ref.start : ref.end])
             if entry is None:
                 carve_left = 0  # computed tokens: exact KV for whatever follows
                 continue
             hits.append(i)
-            start = max(ref.start, p_len)
+            start = max(ref.start, a_end)
             placements.append(Placement(entry, start - ref.start, start, ref.end - start))
             source[start : ref.end] = REUSED
             continues = (start == ref.start and i > 0 and entry.prev_key is not None
@@ -134,13 +151,14 @@ def make_plan(
         source[n - 1] = RECOMPUTED
     compute = np.flatnonzero(source >= RECOMPUTED).astype(np.int64)
     candidates = np.flatnonzero(source == REUSED).astype(np.int64)
+    candidates = candidates[candidates >= a_end]  # the tail is placed as it is
     blend_count = 0
     if policy in ("blend", "clip"):
         blend_count = min(len(candidates), math.ceil(args.r * len(candidates) - 1e-9))
     else:
         candidates = candidates[:0]
     counted = np.bincount(source, minlength=4)
-    covered = {i for i, ref in enumerate(chunks) if ref.end <= prefix.length}
+    covered = {i for i, ref in enumerate(chunks) if ref.end <= max(prefix.length, a_end)}
     counts = ReuseCounts(
         prompt_tokens=n,
         exact_prefix_tokens=int(counted[PREFIX]),
@@ -153,7 +171,7 @@ def make_plan(
     )
     plan = Plan(
         policy, args, ids, tuple(chunks), source, prefix, p_len, tuple(placements), tuple(hits),
-        compute, candidates, blend_count, counts,
+        compute, candidates, blend_count, counts, a_end,
     )
     store.acquire(plan.entries)
     return plan

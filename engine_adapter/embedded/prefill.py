@@ -63,8 +63,11 @@ def place(runner: ModelRunner, plan: Plan, kv: KVBuffer) -> None:
     segments = []
     for p in plan.placements:
         sl = slice(p.offset, p.offset + p.length)
-        segments.append(Segment(p.entry.c_kv[:, sl], p.entry.k_pe[:, sl],
-                                p.entry.position + p.offset, p.start, p.start))
+        seg = Segment(p.entry.c_kv[:, sl], p.entry.k_pe[:, sl], p.entry.position + p.offset,
+                      p.start, p.start)
+        # Same position (the trie's approximate tail, a chunk where it was): a plain copy,
+        # bit for bit what was stored.
+        (prefix if seg.src_position == seg.dst_position else segments).append(seg)
     if runner.placement == "triton":
         from ...kernels.materialize_triton import materialize_segments_triton
 
@@ -113,31 +116,42 @@ def _clip(runner: ModelRunner, plan: Plan, kv: KVBuffer, ids: torch.Tensor, job:
     return runner.run_layers(kv, runner.embed(ids[q]), q, 0, runner.num_layers), picked
 
 
-def commit(store: ChunkStore, plan: Plan, outcome: PrefillOutcome, namespace: str = ""
-           ) -> list[tuple[str, KVEntry]] | None:
+def commit(store: ChunkStore, plan: Plan, outcome: PrefillOutcome, namespace: str = "",
+           approximate: bool = False) -> list[tuple[str, KVEntry]] | None:
     """Store the prompt's chunks: the exactly computed leading chunks extend the prefix trie,
     chunks without a content hit enter the content index (one entry shared by both).
+    ``approximate`` (content policies only): the chunks from the first reused token on extend
+    the trie too, as its approximate tail, with the KV this prefill composed there (a hit
+    chunk's own copy: placed, carved, at this position).
     Returns the trie path [(chunk key, entry)] if the whole prompt is exact, else None."""
     kv, source = outcome.kv, outcome.source
     reused = np.flatnonzero(source == REUSED)
     exact_end = int(reused[0]) if reused.size else len(plan.ids)
+    approximate = approximate and plan.policy in ("pic", "blend", "clip")
     # Trie edges this prompt matched whole, by start position: reused as they are.
     edges = {e.position: e for e, used in plan.prefix.parts if used == len(e)}
+    tails = {e.position: e for e, off, used in plan.prefix.tail if off + used == len(e)}
     hits = set(plan.hit_chunks)
     path: list[tuple[str, KVEntry]] = []
+    n_exact = 0  # path entries before the approximate tail
     for i, ref in enumerate(plan.chunks):
+        exact = ref.end <= exact_end
         entry = edges.get(ref.start)
         if entry is None or len(entry) != ref.end - ref.start or ref.end > plan.prefix_len:
             entry = None
-            if i not in hits or ref.end <= exact_end:
+            tail = tails.get(ref.start) if approximate and not exact else None
+            if tail is not None and len(tail) == ref.end - ref.start:
+                entry = tail  # placed as it was: this path's KV is that entry's
+            elif i not in hits or exact or approximate:
                 entry = KVEntry(plan.ids[ref.start : ref.end], ref.start,
                                 kv.c_kv[:, ref.start : ref.end].clone(),
                                 kv.k_pe[:, ref.start : ref.end].clone(),
                                 prev_key=plan.chunks[i - 1].key if i else None)
-        if entry is not None and ref.end <= exact_end and len(path) == i:
+        if entry is not None and (exact or approximate) and len(path) == i:
             path.append((ref.key, entry))
+            n_exact += exact
         if entry is not None and i not in hits:
             store.put(ref.key, entry)
     if path:
-        store.insert_prefix(namespace, path)
+        store.insert_prefix(namespace, path, approximate_from=n_exact if approximate else None)
     return path if exact_end == len(plan.ids) else None

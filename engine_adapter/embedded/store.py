@@ -9,6 +9,14 @@ Two indexes point at entries:
   prefix whose KV was computed exactly (no reuse before it), like a radix cache at chunk
   granularity. A request may also use the first tokens of an edge (KV at position p depends
   only on tokens 0..p), so matching is exact to the token.
+* the approximate tails of that trie: below an exact node, a prompt's chunks from its first
+  reused token on, with the KV its prefill composed there (placed, carved, computed over
+  placed KV), at the positions it had. A request that repeats that prompt and goes on gets
+  them placed as they are (same positions: nothing to rotate, nothing to recompute), but
+  counted as content reuse, never as exact prefix: only ``match_prefix(approximate=True)``
+  returns them, apart from the exact parts. Below an approximate edge every edge is
+  approximate; an approximate edge is never made exact, and an exact one is only ever
+  inserted under an exact node, so the exact trie is what it would be without tails.
 
 An entry held by both indexes is stored once. A key is a hint, never a proof: every hit
 compares token IDs, and a key whose entry holds other IDs counts as a collision and a miss.
@@ -56,19 +64,39 @@ class KVEntry:
 
 
 class _Node:
-    __slots__ = ("by_first", "children", "entry", "key", "parent")
+    __slots__ = ("approx", "approx_by_first", "approx_children", "by_first", "children", "entry",
+                 "key", "parent")
 
-    def __init__(self, key: str, entry: KVEntry | None, parent: _Node | None):
-        self.key, self.entry, self.parent = key, entry, parent
-        self.children: dict[str, _Node] = {}
+    def __init__(self, key: str, entry: KVEntry | None, parent: _Node | None,
+                 approx: bool = False):
+        self.key, self.entry, self.parent, self.approx = key, entry, parent, approx
+        self.children: dict[str, _Node] = {}  # exact edges (none below an approximate node)
         self.by_first: dict[int, list[_Node]] = {}  # first token -> children, for partial hits
+        self.approx_children: dict[str, _Node] = {}  # approximate edges, and their index
+        self.approx_by_first: dict[int, list[_Node]] = {}
+
+    def kids(self, approx: bool) -> tuple[dict[str, _Node], dict[int, list[_Node]]]:
+        return ((self.approx_children, self.approx_by_first) if approx
+                else (self.children, self.by_first))
+
+    @property
+    def has_children(self) -> bool:
+        return bool(self.children or self.approx_children)
 
 
 class PrefixMatch(NamedTuple):
-    """The longest cached exact prefix: (entry, tokens used from it) per edge, in order."""
+    """The longest cached exact prefix: (entry, tokens used from it) per edge, in order; then,
+    when asked for, the approximate tail that goes on from ``length``: (entry, offset, tokens)
+    per edge, tokens entry.ids[offset : offset + tokens] at their own positions."""
 
     parts: tuple[tuple[KVEntry, int], ...]
-    length: int  # tokens covered
+    length: int  # exact tokens covered
+    tail: tuple[tuple[KVEntry, int, int], ...] = ()
+
+    @property
+    def end(self) -> int:
+        """Tokens covered, exact and approximate."""
+        return self.length + sum(n for _, _, n in self.tail)
 
 
 class StoreStats(NamedTuple):
@@ -85,6 +113,8 @@ class StoreStats(NamedTuple):
     rejected: int
     prefix_lookups: int
     prefix_tokens: int
+    approx_nodes: int  # approximate trie edges held
+    approx_tokens: int  # tokens matched on them (prefix_tokens counts exact ones only)
 
 
 class ChunkStore:
@@ -107,6 +137,7 @@ class ChunkStore:
         self._hits = self._misses = self._collisions = 0
         self._evictions = self._rejected = 0
         self._prefix_lookups = self._prefix_tokens = 0
+        self._approx_nodes = self._approx_tokens = 0
 
     # ---- content index -------------------------------------------------------------------
     def lookup(self, key: str, ids) -> KVEntry | None:
@@ -147,69 +178,107 @@ class ChunkStore:
             return True
 
     # ---- prefix trie ---------------------------------------------------------------------
-    def match_prefix(self, namespace: str, ids, chunks: Sequence) -> PrefixMatch:
+    def match_prefix(self, namespace: str, ids, chunks: Sequence, *,
+                     approximate: bool = False) -> PrefixMatch:
         """Longest exact cached prefix of ``ids``: a radix walk down the namespace's trie.
 
         Where a chunk (ChunkRef) starts, its key finds the edge, verified by token IDs;
         elsewhere, or on a miss, the child sharing the longest run of leading tokens is
         taken, and the walk goes on below it only if all its tokens matched. Touches every
         entry used.
+
+        ``approximate``: also the approximate tail, walked the same way from the deepest node
+        the exact walk reached whole, and kept where it goes past the exact prefix (the exact
+        parts stay what they are without it).
         """
         ids = np.asarray(ids, dtype=np.int32)
         starts = {ref.start: ref for ref in chunks}
-        parts: list[tuple[KVEntry, int]] = []
-        covered = 0
         with self._lock:
             self._prefix_lookups += 1
-            node = self._roots.get(namespace)
-            while node is not None and covered < len(ids):
-                ref = starts.get(covered)
-                child = node.children.get(ref.key) if ref is not None else None
-                if child is not None:
-                    if np.array_equal(child.entry.ids, ids[ref.start : ref.end]):
-                        parts.append((child.entry, len(child.entry)))
-                        covered, node = ref.end, child
-                        continue
-                    self._collisions += 1
-                best, best_n = None, 0
-                for cand in node.by_first.get(int(ids[covered]), ()):
-                    n = _common_prefix(cand.entry.ids, ids[covered:])
-                    if n > best_n:
-                        best, best_n = cand, n
-                if best is None:
-                    break
-                parts.append((best.entry, best_n))
-                covered += best_n
-                node = best if best_n == len(best.entry) else None
+            root = self._roots.get(namespace)
+            parts, covered, node, at = self._walk(root, ids, 0, starts, approx=False)
+            tail: list[tuple[KVEntry, int, int]] = []
+            if approximate and node is not None:
+                approx, _, _, _ = self._walk(node, ids, at, starts, approx=True)
+                pos = at
+                for entry, used in approx:  # keep what lies past the exact prefix
+                    off = max(0, covered - pos)
+                    if off < used:
+                        tail.append((entry, off, used - off))
+                    pos += used
             for entry, _ in parts:
                 self._touch(entry)
+            for entry, _, n in tail:
+                self._touch(entry)
+                self._approx_tokens += n
             self._prefix_tokens += covered
-        return PrefixMatch(tuple(parts), covered)
+        return PrefixMatch(tuple(parts), covered, tuple(tail))
 
-    def insert_prefix(self, namespace: str, path: Iterable[tuple[str, KVEntry]]) -> int:
+    def _walk(self, node: _Node | None, ids: np.ndarray, covered: int, starts: dict,
+              approx: bool) -> tuple[list[tuple[KVEntry, int]], int, _Node | None, int]:
+        """Walk from ``node`` (at ``covered`` tokens) down its exact or approximate edges:
+        (entry, tokens used) per edge, tokens covered, and the deepest node reached whole with
+        the tokens it covers."""
+        parts: list[tuple[KVEntry, int]] = []
+        whole, at = node, covered
+        while node is not None and covered < len(ids):
+            children, by_first = node.kids(approx or node.approx)
+            ref = starts.get(covered)
+            child = children.get(ref.key) if ref is not None else None
+            if child is not None:
+                if np.array_equal(child.entry.ids, ids[ref.start : ref.end]):
+                    parts.append((child.entry, len(child.entry)))
+                    covered, node = ref.end, child
+                    whole, at = node, covered
+                    continue
+                self._collisions += 1
+            best, best_n = None, 0
+            for cand in by_first.get(int(ids[covered]), ()):
+                n = _common_prefix(cand.entry.ids, ids[covered:])
+                if n > best_n:
+                    best, best_n = cand, n
+            if best is None:
+                break
+            parts.append((best.entry, best_n))
+            covered += best_n
+            node = best if best_n == len(best.entry) else None
+            if node is not None:
+                whole, at = node, covered
+        return parts, covered, whole, at
+
+    def insert_prefix(self, namespace: str, path: Iterable[tuple[str, KVEntry]], *,
+                      approximate_from: int | None = None) -> int:
         """Extend the trie of ``namespace`` along ``path`` [(chunk key, entry)], from the root.
 
-        Entries must tile the prefix from position 0 and be exactly computed. Existing edges
-        with the same IDs are followed (their entries kept); the walk stops at a collision
-        or when an entry cannot fit. Returns the number of tokens the trie now covers.
+        Entries must tile the prefix from position 0; those before index ``approximate_from``
+        (all when None) must be exactly computed, the rest are the approximate tail. Existing
+        exact edges with the same IDs are followed (their entries kept); an existing
+        approximate edge only if it holds this very entry (another approximation of the same
+        tokens is not mixed into this path's). The walk stops there, at a collision or when
+        an entry cannot fit. Returns the number of tokens the trie now covers.
         """
         with self._lock:
             node = self._roots.get(namespace)
             if node is None:
                 node = self._roots[namespace] = _Node("", None, None)
             covered = 0
-            for key, entry in path:
+            for i, (key, entry) in enumerate(path):
                 if entry.position != covered:
                     raise ValueError(f"prefix entry at {entry.position}, expected {covered}")
-                child = node.children.get(key)
+                approx = node.approx or (approximate_from is not None and i >= approximate_from)
+                children, by_first = node.kids(approx)
+                child = children.get(key)
                 if child is None:
                     if entry.node is not None or not self._hold(entry):
                         break
-                    child = _Node(key, entry, node)
+                    child = _Node(key, entry, node, approx)
                     entry.node = child
-                    node.children[key] = child
-                    node.by_first.setdefault(int(entry.ids[0]), []).append(child)
+                    children[key] = child
+                    by_first.setdefault(int(entry.ids[0]), []).append(child)
                     self._nodes += 1
+                    self._approx_nodes += approx
+                elif approx and child.entry is not entry:
+                    break
                 elif not np.array_equal(child.entry.ids, entry.ids):
                     self._collisions += 1
                     break
@@ -250,7 +319,7 @@ class ChunkStore:
             self._content.clear()
             self._roots.clear()
             self._lru.clear()
-            self._bytes = self._nodes = 0
+            self._bytes = self._nodes = self._approx_nodes = 0
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -268,6 +337,8 @@ class ChunkStore:
                 rejected=self._rejected,
                 prefix_lookups=self._prefix_lookups,
                 prefix_tokens=self._prefix_tokens,
+                approx_nodes=self._approx_nodes,
+                approx_tokens=self._approx_tokens,
             )
 
     def __contains__(self, key: str) -> bool:
@@ -293,7 +364,7 @@ class ChunkStore:
     def _make_room(self, need: int) -> bool:
         while self._bytes + need > self.capacity:
             victim = next(
-                (e for e in self._lru.values() if e.refs == 0 and not (e.node and e.node.children)),
+                (e for e in self._lru.values() if e.refs == 0 and not (e.node and e.node.has_children)),
                 None,
             )
             if victim is None:
@@ -308,14 +379,15 @@ class ChunkStore:
             entry.content_key = None
         node = entry.node
         if node is not None:
-            parent = node.parent
-            del parent.children[node.key]
-            siblings = parent.by_first[int(entry.ids[0])]
+            children, by_first = node.parent.kids(node.approx)
+            del children[node.key]
+            siblings = by_first[int(entry.ids[0])]
             siblings.remove(node)
             if not siblings:
-                del parent.by_first[int(entry.ids[0])]
+                del by_first[int(entry.ids[0])]
             entry.node = None
             self._nodes -= 1
+            self._approx_nodes -= node.approx
         del self._lru[id(entry)]
         self._bytes -= entry.nbytes
 

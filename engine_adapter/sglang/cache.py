@@ -5,25 +5,29 @@ with ``--radix-cache-backend irminsul``. The request path (file and function nam
 SGLang's, see DESIGN.md):
 
 1. ``match_prefix`` (scheduler: ``Req.init_next_round_input`` -> ``match_kv_cache``): SGLang's
-   own radix match first; then the shared planner (``make_plan`` over :class:`PlannerView`)
-   finds content hits in the request's prompt, and :func:`first_run` keeps those SGLang can
-   take (right after the exact prefix). They are reported as ``host_hit_length`` so the
-   PrefillAdder budgets them as it budgets a HiCache load.
-2. ``init_load_back`` (``PrefillAdder``, once admitted): the sources are re-found in the tree
-   and locked, slots are allocated (evicting like any allocation), c_KV copied and k_pe
-   δ-rotated into them (kernels/materialize.py: torch on CPU, Triton on CUDA), and the
-   request is barred from the tree (``skip_radix_cache_insert``): composed KV never becomes an
-   exact radix key. ``already_computed`` is seeded with the placed length so SGLang's
-   ``cached_tokens`` stays the exact prefix (SGLang seeds it the same way for PD decode).
-3. ``prefix_device_indices`` appends the placed slots after the tree path; SGLang writes them
-   into the request's row and frees them on release (they are past ``cache_protected_len``).
-4. ``checkpoint`` (an exact request published into the tree) records its prompt's chunks in
-   the :class:`SlotIndex`: the site of each chunk is the prompt prefix whose tree path holds
-   its slots, so eviction stays SGLang's.
+   own radix match first (exact KV, the request's ``extra_key``); then, from the end of that
+   exact prefix, the request's tokens matched in the same tree under a derived key
+   (composed.py: composed KV an earlier request left there); then the shared planner
+   (``make_plan`` over :class:`PlannerView`) finds content hits, and :func:`first_run` keeps
+   those SGLang can take (right after what is matched). Composed tokens and the run are
+   reported as ``host_hit_length`` so the PrefillAdder budgets them like a HiCache load.
+2. ``init_load_back`` (``PrefillAdder``, once admitted): the composed-tree node is matched
+   again and locked (our lock, released in ``on_release``); the run's sources are re-found
+   and locked, slots allocated (evicting like any allocation), c_KV copied and k_pe
+   δ-rotated into them (kernels/materialize.py: torch on CPU, Triton on CUDA).
+   ``cache_protected_len`` becomes exact + composed (tree-owned), ``already_computed`` the
+   served length, so SGLang's ``cached_tokens`` stays the exact prefix.
+3. ``prefix_device_indices``: exact path, composed path, placed slots.
+4. ``checkpoint``: an exact request is inserted by SGLang and its prompt's chunks recorded in
+   the :class:`SlotIndex` (sites are tree paths, so eviction stays SGLang's). A composed
+   request (one that was served anything past its exact prefix) is inserted from its exact
+   prefix on under the derived key only (``_checkpoint_composed``): composed KV never becomes
+   an exact radix key, yet the next turn of the conversation matches it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from array import array
 from typing import Any, NamedTuple
@@ -33,6 +37,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
     EvictParams,
     InitLoadBackParams,
+    InsertParams,
     MatchPrefixParams,
     MatchResult,
 )
@@ -45,6 +50,7 @@ from ...kernels.materialize import materialize_indexed
 from ...kernels.rope import RopeSpec
 from ..contract import ReuseCounts
 from ..embedded.planner import PolicyArgs, make_plan
+from .composed import composed_key, is_composed_key, new_secret
 from .config import SGLangReuseConfig
 from .hints import annotation_from_kv_hints
 from .matching import ChunkSite, PlannerView, SlotIndex
@@ -71,12 +77,25 @@ def reuse_details(details: dict | None, streamer: Any, req: Any) -> dict | None:
 
 
 class _Flow(NamedTuple):
-    """One request's planned (and, once ``slots`` is set, placed) run."""
+    """One request's plan (and, once ``slots`` is set, what it was served): the exact prefix
+    [0, exact_len), then composed KV [exact_len, exact_len + composed_len) matched in SGLang's
+    tree under ``composed_key``, then the placed ``run``. A loaded flow is *composed*: its
+    tokens past the exact prefix go into the tree under ``composed_key``, never the exact key."""
 
     exact_len: int
+    composed_key: str
+    composed_len: int
     run: Run
     counts: ReuseCounts
-    slots: torch.Tensor | None = None
+    slots: torch.Tensor | None = None  # the run's private slots, once placed (may be empty)
+    node: Any = None  # composed-tree node ending the tree-owned part past exact_len
+    lock: Any = None  # our TreeLock on ``node`` (req.lock holds the exact prefix)
+    inserted: int = 0  # composed-tree tokens this request inserted, from exact_len
+
+    @property
+    def served(self) -> int:
+        """Tokens past the exact prefix whose KV the request did not compute."""
+        return self.composed_len + self.run.length
 
 
 class IrminsulRadixCache(UnifiedRadixCache):
@@ -107,6 +126,7 @@ class IrminsulRadixCache(UnifiedRadixCache):
         self._config, self._spec, self._pool = config, spec, pool
         self._chunker = Chunker(config.chunker)
         self._index = SlotIndex(config.max_prompts)
+        self._secret = new_secret()  # composed.py: keys no client can name
 
     @property
     def reuse_enabled(self) -> bool:
@@ -126,23 +146,29 @@ class IrminsulRadixCache(UnifiedRadixCache):
         req = params.req
         if req is None or not self.reuse_enabled or result.host_hit_length:
             return result
+        session = getattr(req, "session", None)
+        if session is not None and getattr(session, "streaming", False):
+            return result  # a streaming session keeps the row: no checkpoint, no release
+        if is_composed_key(req.extra_key):
+            return result  # never compose on top of a namespace that looks like ours
         flow = self._flows.get(req.rid)
         if flow is not None and flow.slots is not None:
-            # Matched again after its load (a retry): the placed slots are still the
-            # request's, appended by prefix_device_indices.
+            # Matched again after its load (a retry): the served slots are still the
+            # request's row, appended by prefix_device_indices.
             if result.device_prefix_len != flow.exact_len:
                 return result
-            return result._replace(device_prefix_len=flow.exact_len + flow.run.length)
+            return result._replace(device_prefix_len=flow.exact_len + flow.served,
+                                   cache_protected_len=req.kv.cache_protected_len)
         self._flows.pop(req.rid, None)
-        flow = self._plan(req, result.device_prefix_len, len(params.key))
+        flow = self._plan(req, result.device_prefix_len, params.key)
         if flow is None:
             return result
         self._flows[req.rid] = flow
         return result._replace(
             last_host_node=result.last_device_node,
             best_match_node=result.last_device_node,
-            host_hit_length=flow.run.length,
-            full_kv_hit_length=max(result.full_kv_hit_length, flow.run.end),
+            host_hit_length=flow.served,
+            full_kv_hit_length=max(result.full_kv_hit_length, flow.exact_len + flow.served),
         )
 
     def init_load_back(self, params: InitLoadBackParams):
@@ -152,19 +178,32 @@ class IrminsulRadixCache(UnifiedRadixCache):
             return super().init_load_back(params)
         if flow.slots is not None:
             return 0, params.best_match_node
-        slots = self._place(flow)
+        node = lock = None
+        if flow.composed_len:
+            # Matched again and locked first: our own allocation below may evict.
+            n, node = self._match_composed(flow.composed_key, req, req.full_untruncated_fill_ids,
+                                           flow.exact_len, flow.exact_len + flow.composed_len)
+            if n < flow.composed_len:  # evicted since match_prefix: the request computes
+                self._flows.pop(req.rid, None)
+                return 0, params.best_match_node
+            lock = self.lock(node)
+        slots = self._place(flow) if flow.run.length else torch.empty(0, dtype=torch.int64)
         if slots is None:  # a source was evicted, or no room: the request computes them
+            self.unlock(lock)
             self._flows.pop(req.rid, None)
             return 0, params.best_match_node
-        self._flows[req.rid] = flow._replace(slots=slots)
-        req.skip_radix_cache_insert = True
-        req.already_computed = flow.run.length
+        self._flows[req.rid] = flow._replace(slots=slots, node=node, lock=lock)
+        # The composed tree owns [exact_len, exact_len + composed_len) of the row (we hold
+        # its lock); the placed run is the request's, freed on release unless checkpointed.
+        # load_back_is_cache_owned() is False, so the scheduler leaves this value alone.
+        req.kv.cache_protected_len = flow.exact_len + flow.composed_len
+        req.already_computed = flow.served  # SGLang's cached_tokens stays the exact prefix
         setattr(req, REQ_COUNTS_ATTR, flow.counts)
-        return flow.run.length, params.best_match_node
+        return flow.served, params.best_match_node
 
     def load_back_is_cache_owned(self) -> bool:
-        # Placed slots are the request's: cache_protected_len stays at the exact prefix, so
-        # release_kv_cache frees them with the rest of the row.
+        # Placed slots are the request's: cache_protected_len is set by init_load_back (the
+        # exact prefix plus the composed-tree part), so release_kv_cache frees the run.
         return False
 
     def prefix_device_indices(self, req) -> torch.Tensor:
@@ -174,11 +213,21 @@ class IrminsulRadixCache(UnifiedRadixCache):
         root = self.root_node_handle(req.extra_key)
         path = self.tree_core.collect_full_device_indices(req.last_node, root)
         assert len(path) >= flow.exact_len, (req.rid, len(path), flow.exact_len)
-        indices = torch.cat([path[: flow.exact_len], flow.slots.to(path.device, path.dtype)])
+        parts = [path[: flow.exact_len]]
+        if flow.composed_len:
+            composed = self.tree_core.collect_full_device_indices(flow.node, root)
+            assert len(composed) >= flow.composed_len, (req.rid, len(composed))
+            parts.append(composed[: flow.composed_len].to(path.dtype))
+        parts.append(flow.slots.to(path.device, path.dtype))
+        indices = torch.cat(parts)
         assert len(indices) >= req.prefix_len, (req.rid, len(indices), req.prefix_len)
         return indices[: req.prefix_len]
 
     def checkpoint(self, req, *, up_to: int, **kwargs) -> None:
+        flow = self._flows.get(req.rid)
+        if flow is not None and flow.slots is not None:
+            self._checkpoint_composed(req, flow, up_to)  # never under the exact key
+            return
         super().checkpoint(req, up_to=up_to, **kwargs)
         if not self.reuse_enabled or req.rid in self._recorded:
             return
@@ -192,19 +241,25 @@ class IrminsulRadixCache(UnifiedRadixCache):
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
-        self._flows.pop(req.rid, None)
+        flow = self._flows.pop(req.rid, None)
+        if flow is not None and flow.lock is not None:
+            self.unlock(flow.lock)
         self._recorded.discard(req.rid)
         self._chunk_memo.pop(req.rid, None)
 
     # ---- planning and placement --------------------------------------------------------------
+    def _annotation(self, req, prompt: np.ndarray):
+        ann = annotation_from_kv_hints(getattr(req, "kv_hints", None))
+        if ann is not None and not ann.matches(prompt):
+            return None  # made for other tokens: chunk the request's own IDs
+        return ann
+
     def _chunks(self, req, prompt: np.ndarray, scope) -> tuple:
         # A waiting request is matched again every scheduling round: chunk its prompt once.
         cached = self._chunk_memo.get(req.rid)
         if cached is not None and cached[0] == len(prompt):
             return cached[1]
-        ann = annotation_from_kv_hints(getattr(req, "kv_hints", None))
-        if ann is not None and not ann.matches(prompt):
-            ann = None  # made for other tokens: chunk the request's own IDs
+        ann = self._annotation(req, prompt)
         # Keys carry SGLang's isolation (extra_key, cache_salt) and the proxy's tenant.
         namespace = "\x1f".join((ann.namespace if ann else "", str(scope[0]), str(scope[1])))
         chunks = self._chunker.split(prompt, anchors=ann.anchors if ann else (),
@@ -212,26 +267,79 @@ class IrminsulRadixCache(UnifiedRadixCache):
         self._chunk_memo[req.rid] = (len(prompt), chunks)
         return chunks
 
-    def _plan(self, req, exact_len: int, key_len: int) -> _Flow | None:
+    def _plan(self, req, exact_len: int, key: RadixKey) -> _Flow | None:
         prompt = np.asarray(req.origin_input_ids, dtype=np.int32)
         if len(prompt) < 2 or exact_len % self.page_size:
             return None
         scope = (req.extra_key, req.cache_salt)
-        ann = annotation_from_kv_hints(getattr(req, "kv_hints", None))
-        policy = self._config.policy
+        ann = self._annotation(req, prompt)
         if ann is not None and ann.policy in ("full", "prefix"):
             return None
-        view = PlannerView(self._index, scope, min(exact_len, len(prompt)), self._resident)
+        limit = min(len(key), len(prompt) - 1)
+        ids = key.token_ids
+        ckey = composed_key(self._secret, req.extra_key, req.cache_salt,
+                            ann.namespace if ann else "", ids[:exact_len])
+        # Composed KV first: it continues the exact prefix, keyed from its end.
+        composed_len, _ = self._match_composed(ckey, req, ids, exact_len, limit)
+        start = exact_len + composed_len
+        view = PlannerView(self._index, scope, min(start, len(prompt)), self._resident)
         self._residency: dict[int, tuple] = {}  # per plan: tree walks are not free
         try:
-            plan = make_plan(view, prompt, self._chunks(req, prompt, scope), policy=policy,
-                             args=PolicyArgs(k=self._config.pic_k))
+            plan = make_plan(view, prompt, self._chunks(req, prompt, scope),
+                             policy=self._config.policy, args=PolicyArgs(k=self._config.pic_k))
         finally:
             self._residency = {}
-        run = first_run(plan, limit=min(key_len, len(prompt) - 1), page_size=self.page_size)
-        if run.length == 0:
+        run = first_run(plan, limit=limit, page_size=self.page_size)
+        if run.length == 0 and composed_len == 0:
             return None
-        return _Flow(exact_len, run, run_counts(plan, run))
+        counts = run_counts(plan, run)
+        if composed_len:  # the planner saw them as prefix; they are reused, not exact
+            counts = dataclasses.replace(
+                counts, exact_prefix_tokens=exact_len,
+                reused_tokens=counts.reused_tokens + composed_len)
+        return _Flow(exact_len, ckey, composed_len, run, counts)
+
+    def _match_composed(self, ckey: str, req, ids, start: int, stop: int) -> tuple[int, Any]:
+        """(tokens, node) of ``ids[start:stop]`` held in the tree under ``ckey``. The token
+        IDs are compared by SGLang's own match: composed KV is served for these tokens only."""
+        if stop <= start or self.tree_core.is_eagle:
+            return 0, None
+        key = RadixKey(ids[start:stop], ckey, cache_salt=req.cache_salt)
+        # _match_tree, not match_prefix: no session shortcut, and no rank_consensus on a key
+        # that holds this rank's secret.
+        match = self._match_tree(MatchPrefixParams(key=key))
+        return match.device_prefix_len, match.last_device_node
+
+    def _checkpoint_composed(self, req, flow: _Flow, up_to: int) -> None:
+        """checkpoint_into_tree for a composed request: insert its row [exact_len, up_to)
+        under ``flow.composed_key``, repoint the row at the tree's copy (duplicates are freed
+        by SGLang's insert), move our lock to the node it ended on, advance
+        cache_protected_len. req.lock (the exact prefix) and req.last_node stay."""
+        p = flow.exact_len
+        ids = req.full_untruncated_fill_ids[:up_to]
+        if len(ids) <= p:
+            return
+        key = RadixKey(ids[p:], flow.composed_key, cache_salt=req.cache_salt)
+        key = key.page_aligned(self.page_size)
+        n, protected = len(key), req.kv.cache_protected_len - p
+        if n <= protected:
+            return
+        row = req.kv.req_pool_idx
+        values = self.req_to_token_pool.req_to_token[row, p : p + n].to(torch.int64, copy=True)
+        result = self.insert(InsertParams(
+            key=key, value=values, prev_prefix_len=protected, inserted_len=flow.inserted,
+            priority=req.priority or 0, rotation_base=req.kv_rotation_base))
+        if result.rotation_tail_declined:
+            return  # the row stays the request's, freed on release
+        path = self.tree_core.collect_full_device_indices(result.last_device_node,
+                                                          self.root_node_handle())
+        assert len(path) == n, (req.rid, len(path), n)
+        self.req_to_token_pool.write((row, slice(p + protected, p + n)), path[protected:])
+        lock = self.lock(result.last_device_node)
+        self.unlock(flow.lock)
+        req.kv.cache_protected_len = p + n
+        self._flows[req.rid] = flow._replace(node=result.last_device_node, lock=lock,
+                                             inserted=max(flow.inserted, n))
 
     def _site_path(self, site: ChunkSite):
         """(tree node, slots) of the longest part of the site's recorded prompt SGLang still

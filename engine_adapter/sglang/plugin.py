@@ -81,6 +81,11 @@ def build_cache(ctx: Any):
     pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     spec = rope_spec_from_sglang(find_rotary(ctx.tp_worker.model_runner.model))
     cache.attach(config, spec, pool)
+    if getattr(ctx.params, "enable_kv_cache_events", False):
+        # Event hashes of an extra_key without cache_salt start from no parent, so composed
+        # nodes are announced like plain prompts that begin at their first token (DESIGN.md).
+        log.warning("irminsul: --enable-kv-cache-events announces composed KV (kept under a "
+                    "derived extra_key) as ordinary blocks; a KV-aware router may count them")
     _install_reuse_report()
     log.info("irminsul: content reuse on (policy %s, k %d)", config.policy, config.pic_k)
     return cache
