@@ -3,6 +3,7 @@
 Usage: python bench/gate_measure.py [--model DIR] [--policies pic:k=16 clip:r=0.1]
                                     [--cases 2] [--tokens 4 8 16] [--new-tokens 32]
                                     [--rotations correct none ...] [--sweep pic:k=0 ...]
+                                    [--device cpu|cuda|auto] [--dtype float32|bfloat16|auto]
 
 For each policy, with the correct δ-rotation and with deliberately broken ones (the rotation
 the prefill places reused k_pe with, ``kernels.rope.delta_rotate``, replaced; the self-check's
@@ -19,7 +20,11 @@ Broken rotations: ``none`` (k_pe kept at its stored positions: position-dependen
 first --tokens count) for more policies under every rotation: the gate applies to whatever
 policy the engine is configured with. A gate must pass the correct rotation with a margin and
 fail the broken ones.
-All figures come from this one run, float32 on the CPU.
+All figures come from this one run, float32 on the CPU by default (--device/--dtype: the same
+on a GPU, e.g. to measure a bfloat16 gate). The broken rotations patch the torch reference
+(``rope.delta_rotate``), which the fused Triton placement kernel does not call: whenever a
+broken rotation is among those run, the engine places reused KV with the torch path
+(placement="torch"), the correct rotation included, so every row goes through the same path.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 
 import irminsul
 from irminsul.engine_adapter.embedded import guard
-from irminsul.engine_adapter.embedded.config import EngineConfig
+from irminsul.engine_adapter.embedded.config import DEVICES, DTYPES, EngineConfig
 from irminsul.engine_adapter.embedded.engine import Engine
 from irminsul.engine_adapter.embedded.quality import evaluate, parse_policies
 from irminsul.engine_adapter.embedded.quality_workloads import WorkloadConfig, build_cases
@@ -74,17 +79,27 @@ def main() -> None:
     p.add_argument("--sweep", nargs="*", default=[], metavar="POLICY",
                    help="probe-only policies, e.g. pic:k=0 blend:r=0.1 clip:r=0.2")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the engine runs (auto: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and KV (auto: bfloat16 on cuda, float32 on cpu)")
     a = p.parse_args()
     torch.manual_seed(0)
-    engine = Engine(EngineConfig(model_dir=a.model, device="cpu", dtype="float32",
-                                 self_check=False))
+    # A patched rope.delta_rotate only reaches the torch placement path (see the docstring).
+    placement = "torch" if any(r != "correct" for r in a.rotations) else "auto"
+    engine = Engine(EngineConfig(model_dir=a.model, device=a.device, dtype=a.dtype,
+                                 placement=placement, self_check=False))
+    runner = engine.runner
+    dtype = str(runner.dtype).removeprefix("torch.")
+    where = (torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda"
+             else runner.device.type.upper())
     specs, skipped = parse_policies(a.policies)
     for s in skipped:
         print(s)
     cases = build_cases(engine.tokenizer, WorkloadConfig(cases=a.cases))
     print(f"# gate_measure {time.strftime('%Y-%m-%d')} on {platform.node()} "
           f"({platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads), model {engine.model_name}, float32 CPU")
+          f"threads), model {engine.model_name}, {dtype} {where}, placement {runner.placement}")
     rows = []
     sweep, skipped = parse_policies(a.sweep)
     for spec in sweep:

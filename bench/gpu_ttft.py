@@ -2,6 +2,7 @@
 
 Usage (GPU):   python bench/gpu_ttft.py --out bench/results/DATE-h100-gpu-ttft.txt
 Usage (smoke): python bench/gpu_ttft.py --smoke --out /tmp/smoke.txt   (CPU, tiny-mla)
+Profile:       add --profile FILE (one more pic request, see below)
 
 One process builds the random bf16 checkpoint (presets.build_checkpoint('v2-lite'), on the
 GPU), checks the fused placement kernel against the torch path on the real shapes (placed KV
@@ -13,6 +14,12 @@ full, prefix, pic k=0, pic default k, blend 10% with FlexAttention, and pic with
 times the edited prompt to its first sampled token (warm-up round + --reps rounds,
 round-robin, median). A second pass with the device synchronised around the placement gives
 its time and share of TTFT. Prints the table last and writes everything to --out.
+
+--profile FILE: after the timed runs, one pic request (default k, the header edit, the first
+size, the attention the timed pic rows used) runs under torch.profiler (CPU and, on CUDA, CUDA
+activities) once the warm prompt is stored, the engine's steps labelled irminsul.*; FILE gets
+the operator table sorted by total device time on CUDA (CPU time on the CPU), then the same
+sorted by self time, 30 rows each. Issue 6: profile before optimising.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ttft
 
+from irminsul.engine_adapter.embedded import engine as engine_mod
 from irminsul.engine_adapter.embedded import prefill as prefill_mod
 from irminsul.engine_adapter.embedded.config import EngineConfig
 from irminsul.engine_adapter.embedded.engine import Engine, SamplingParams
@@ -191,6 +200,68 @@ def check_attention(engine, warm, edit, k, log) -> None:
         + f"; pic flex vs pic dense {fd:.3f}")
 
 
+@contextmanager
+def step_labels(engine):
+    """record_function ranges named irminsul.* around the engine's steps (chunking, planning,
+    the prefill and its placement, the commit), so the profile shows them next to the
+    operators: the host-side steps launch no kernels of their own."""
+    from torch.profiler import record_function
+
+    targets = [(engine, "_chunks"), (engine_mod, "make_plan"), (engine_mod, "run_prefill"),
+               (prefill_mod, "place"), (engine_mod, "commit")]
+    saved = []
+    for obj, name in targets:
+        inner, label = getattr(obj, name), "irminsul." + name.lstrip("_")
+
+        def wrapped(*a, _inner=inner, _label=label, **kw):
+            with record_function(_label):
+                return _inner(*a, **kw)
+
+        saved.append((obj, name, inner))
+        setattr(obj, name, wrapped)
+    try:
+        yield
+    finally:
+        for obj, name, inner in saved:
+            if obj is engine:
+                delattr(engine, name)  # the instance attribute shadowed the method
+            else:
+                setattr(obj, name, inner)
+
+
+def profile_request(engine, warm, edit, k, attention, path: Path, log) -> None:
+    """One pic k request under torch.profiler; the operator tables go to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    engine.flush_cache()
+    engine.runner.prefill_attention = attention
+    engine.prefill(warm[0], anchors=warm[1], policy="full")  # the warm prompt: not profiled
+    engine.runner.prefill_attention = attention
+    sync(engine)
+    with step_labels(engine), profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        out = next(iter(engine.generate(edit[0], SamplingParams(max_new_tokens=1),
+                                        anchors=edit[1], policy="pic", policy_args={"k": k})))
+        sync(engine)
+        spent = time.perf_counter() - t0
+    c = out.counts
+    unit = "cuda" if cuda else "cpu"
+    events = prof.key_averages()
+    head = (f"# bench/gpu_ttft.py --profile: pic k={k}, header edit, {len(edit[0])}-token "
+            f"prompt, {attention} attention, on {engine.runner.device.type}; TTFT under the "
+            f"profiler {spent * 1e3:.1f} ms (its overhead included); recomputed "
+            f"{c.recomputed_tokens + c.new_tokens} of {c.prompt_tokens}\n"
+            f"# command: {' '.join(sys.argv)}\n")
+    path.write_text(head + f"\n## sorted by {unit}_time_total\n"
+                    + events.table(sort_by=f"{unit}_time_total", row_limit=30)
+                    + f"\n\n## sorted by self_{unit}_time_total\n"
+                    + events.table(sort_by=f"self_{unit}_time_total", row_limit=30) + "\n")
+    log(f"\n# profile of pic k={k} at {len(edit[0])} tokens ({spent * 1e3:.1f} ms under the "
+        f"profiler) written to {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="file the results are written to")
@@ -200,6 +271,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, help="timed rounds after the warm-up round")
     ap.add_argument("--k", type=int, default=16, help="pic's default k")
     ap.add_argument("--model", type=Path, help="an existing checkpoint instead of building one")
+    ap.add_argument("--profile", type=Path, metavar="FILE",
+                    help="after the timed runs, profile one pic request at the first size "
+                         "and write torch.profiler's operator tables here")
     a = ap.parse_args()
     log = Log(a.out)
     device = "cpu" if a.smoke else "cuda"
@@ -270,6 +344,10 @@ def main() -> None:
         log(f"{n:>7} {edit_name:<8}{label:<16}{c.exact_prefix_tokens:>6}{c.reused_tokens:>7}"
             f"{c.recomputed_tokens:>7}{c.new_tokens:>6}{med * 1e3:>9.1f}{prefix / med:>9.2f}x"
             f"{place * 1e3:>9.2f}{place / med:>7.1%}")
+    if a.profile is not None:
+        warm, edits = prompts(engine, sizes[0], corpus)
+        profile_request(engine, warm, edits["header"], a.k, "flex" if flex_ok else "dense",
+                        a.profile, log)
 
 
 if __name__ == "__main__":

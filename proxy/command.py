@@ -83,6 +83,9 @@ def _embedded_upstream(config: ProxyConfig):
               help="Embedded engine only: share of requests served with reused KV that the "
                    "engine re-runs with full in idle time, recording KL and agreement in --db "
                    "(see `irminsul serve --audit-rate`).")
+@click.option("--approx-trie/--no-approx-trie", default=True, show_default=True,
+              help="Embedded engine only: keep each request's composed KV as an approximate "
+                   "prefix-trie tail for the next turn (see `irminsul serve --approx-trie`).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, help="Log verbosity.")
 def proxy_command(log_level: str, **options) -> None:

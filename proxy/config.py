@@ -59,6 +59,7 @@ class ProxyConfig:
     seen_chunk_tokens: int = 8_000_000  # tokens of chunks remembered for potential reuse (32 MB)
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)  # stock mode; irminsul: engine's
     audit_rate: float = 0.0  # embedded engine only: share of reusing requests re-run with full
+    approx_trie: bool = True  # embedded engine only: EngineConfig.approx_trie
 
     def __post_init__(self):
         if self.upstream is not None:
@@ -82,6 +83,8 @@ class ProxyConfig:
         r = self.audit_rate
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
             raise ValueError(f"audit_rate must be a number in [0, 1], got {r!r}")
+        if not isinstance(self.approx_trie, bool):
+            raise TypeError(f"approx_trie must be a bool, got {self.approx_trie!r}")
         if not isinstance(self.chunker, ChunkerConfig):
             raise TypeError("chunker must be a ChunkerConfig")
         for name in ("db", "record", "model_dir", "tokenizer"):

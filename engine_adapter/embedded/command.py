@@ -124,6 +124,11 @@ async def start_embedded(engine_config: EngineConfig, host: str = "127.0.0.1",
               help="Share of requests served with reused KV that are re-run with full while "
                    "the engine is idle, to measure KL and greedy agreement (0.01: one in a "
                    "hundred; 1: all). Past the thresholds the engine serves prefix only.")
+@click.option("--approx-trie/--no-approx-trie", default=DEFAULTS["approx_trie"],
+              show_default=True,
+              help="Keep each request's composed KV past its first reused token as an "
+                   "approximate prefix-trie tail the next turn reuses without carve-outs "
+                   "(--no-approx-trie: the trie holds exact prefixes only).")
 @click.option("--db", "audit_db", default="irminsul.db", show_default=True,
               type=click.Path(dir_okay=False),
               help="Savings database the audits are recorded in (read it with `irminsul "
@@ -145,7 +150,7 @@ async def start_embedded(engine_config: EngineConfig, host: str = "127.0.0.1",
               help="Start-up self-check: serve prefix only when the probe's greedy agreement "
                    "with full is below this.")
 def serve_command(model_dir, device, dtype, host, port, cache_bytes, policy, pic_k, blend_r,
-                  clip_r, clip_model_dir, audit_rate, audit_db, audit_max_kl,
+                  clip_r, clip_model_dir, audit_rate, approx_trie, audit_db, audit_max_kl,
                   audit_min_agreement, check_max_kl, check_min_agreement):
     """Serve a local DeepSeek-V2-family checkpoint with the embedded engine.
 
@@ -157,7 +162,8 @@ def serve_command(model_dir, device, dtype, host, port, cache_bytes, policy, pic
     config = engine_config(model_dir=str(model_dir), device=device, dtype=dtype,
                            cache_bytes=cache_bytes, policy=policy, pic_k=pic_k, blend_r=blend_r,
                            clip_r=clip_r, clip_model_dir=clip_model_dir,
-                           audit_rate=audit_rate, audit_max_kl=audit_max_kl,
+                           audit_rate=audit_rate, approx_trie=approx_trie,
+                           audit_max_kl=audit_max_kl,
                            audit_min_agreement=audit_min_agreement,
                            check_max_kl=check_max_kl, check_min_agreement=check_min_agreement,
                            audit_db=str(audit_db) if audit_rate > 0 else None)
