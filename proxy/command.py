@@ -51,8 +51,10 @@ def _embedded_upstream(config: ProxyConfig):
 @click.option("--db", default="irminsul.db", show_default=True, type=click.Path(dir_okay=False),
               help="SQLite savings log, one row per request (read it with `irminsul report`).")
 @click.option("--isolate-tenants", is_flag=True,
-              help="Namespace chunk keys by the hashed API key, so one tenant's prompts are "
-                   "never reused for another's (requests without a key share one namespace).")
+              help="Namespace chunk keys by the hashed API key, and send it as SGLang's "
+                   "extra_key on chat/completions/generate so the engine's own prefix cache is "
+                   "partitioned too: one tenant's prompts are never reused for another's "
+                   "(requests without a key share one namespace).")
 @click.option("--reorder", type=click.Choice(["off", "stable-first"]), default="off",
               show_default=True,
               help="stable-first: move volatile system-prompt lines (dates, times, cwd, git "

@@ -30,7 +30,7 @@ from irminsul.proxy.forward import (
     response_headers,
     upstream_call,
 )
-from irminsul.proxy.identity import session_key, tenant_from_headers
+from irminsul.proxy.identity import session_key, tenant_extra_key, tenant_from_headers
 from irminsul.proxy.json_codec import dumps, dumps_compact
 from irminsul.proxy.pipeline import analyze_quietly
 from irminsul.proxy.reorder import reorder_body
@@ -193,6 +193,9 @@ def _encode(raw: bytes, body: dict, fwd: dict, extra: dict) -> bytes:
 async def _native(request, st: ProxyState, api: str, ex: Exchange, raw: bytes, body: dict,
                   fwd: dict, annotation: dict | None):
     extra: dict = {}
+    tenant_key = tenant_extra_key(st.config.isolate_tenants, ex.tenant, fwd)
+    if tenant_key is not None and api in ("chat", "completions", "generate"):
+        extra["extra_key"] = tenant_key
     if annotation is not None:
         # Top-level key only, on every endpoint. Not in /generate's kv_hints: SGLang 0.5.23
         # types kv_hints as an envelope (managers/kv_hints.py) and refuses anything else;

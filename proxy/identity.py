@@ -115,3 +115,15 @@ def tenant_from_headers(
     """tenant_hash() of the request's API key, or None when it carries none."""
     key = api_key_from_headers(headers)
     return None if key is None else tenant_hash(key, salt)
+
+
+def tenant_extra_key(isolate: bool, tenant: str | None, body: Mapping) -> str | None:
+    """SGLang's ``extra_key`` for an isolated tenant (--isolate-tenants): it partitions
+    SGLang's own radix tree, and with it the irminsul backend's chunk index, so one tenant's
+    exact-prefix hits cannot reveal another's prompts through timing either (namespaced chunk
+    keys alone leave the engine's prefix cache shared). A key the client sent stays inside its
+    tenant's partition. None when tenants are not isolated or the request has no API key."""
+    if not (isolate and tenant):
+        return None
+    own = body.get("extra_key")
+    return f"irminsul-tenant:{tenant}" + (f":{own}" if isinstance(own, str) and own else "")

@@ -15,6 +15,7 @@ from irminsul.proxy.anthropic_stream import MessageStream
 from irminsul.proxy.errors import TranslationError, upstream_error_message
 from irminsul.proxy.exchange import Exchange
 from irminsul.proxy.forward import relay, request_headers, upstream_call
+from irminsul.proxy.identity import tenant_extra_key
 from irminsul.proxy.json_codec import dumps
 from irminsul.proxy.replies import Reply, fail, read_all, read_json
 from irminsul.proxy.responses import chat_to_response
@@ -39,6 +40,9 @@ async def translated(request, st: ProxyState, api: str, ex: Exchange, body: dict
                       chat: ChatRequest, annotation: dict | None):
     """An Anthropic or Responses request served by the upstream's /v1/chat/completions."""
     out = chat.body if annotation is None else {**chat.body, ANNOTATION_KEY: annotation}
+    tenant_key = tenant_extra_key(st.config.isolate_tenants, ex.tenant, chat.body)
+    if tenant_key is not None:
+        out = {**out, "extra_key": tenant_key}
     data = dumps(out)  # json.dumps's value, ~10x faster for a 100 KB conversation
     async with upstream_call(st.upstream, "POST", "/v1/chat/completions",
                              headers=translated_headers(request), data=data) as resp:

@@ -147,6 +147,33 @@ async def test_isolated_tenants_share_no_chunks(aiohttp_server, tmp_path, tok, i
     else:
         assert b["chunks_hit"] > 0 and b["potential_reuse_tokens"] > 0
     assert a2["chunks_hit"] == a2["chunks_total"]  # a tenant's own chunks are found again
+    # SGLang's own radix cache is partitioned too: extra_key per tenant, none without isolation
+    keys = [g.body.get("extra_key") for g in stack.fake.received]
+    if isolate:
+        assert keys == [f"irminsul-tenant:{tenant_hash(k)}" for k in ("sk-a", "sk-b", "sk-a")]
+    else:
+        assert keys == [None, None, None]
+
+
+async def test_isolated_tenant_keeps_its_extra_key_partition(aiohttp_server, tok):
+    """A client's own extra_key stays inside its tenant's partition, on the native and the
+    translated (Anthropic -> chat) paths; a request without an API key gets none."""
+    stack = await start_stack(aiohttp_server, fake=FakeSGLang(tokenizer=tok), tokenizer=tok,
+                              db=None, chunker=CHUNKER, isolate_tenants=True)
+    client = openai.AsyncOpenAI(base_url=stack.base + "/v1", api_key="sk-a", max_retries=0)
+    await client.chat.completions.create(model="m", messages=conversation("x"),
+                                         extra_body={"extra_key": "lora-1"})
+    ant = anthropic.AsyncAnthropic(base_url=stack.base, api_key="sk-b", max_retries=0)
+    await ant.messages.create(model="m", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    async with aiohttp.ClientSession() as http, http.post(stack.base + "/v1/chat/completions",
+                         json={"model": "m", "messages": conversation("y")}) as r:
+        assert r.status == 200
+    await stack.close()
+    native, translated, keyless = stack.fake.received
+    assert native.body["extra_key"] == f"irminsul-tenant:{tenant_hash('sk-a')}:lora-1"
+    assert translated.path == "/v1/chat/completions"
+    assert translated.body["extra_key"] == f"irminsul-tenant:{tenant_hash('sk-b')}"
+    assert "extra_key" not in keyless.body
 
 
 async def test_native_streams_report_saved_tokens(aiohttp_server, tok):
