@@ -238,6 +238,22 @@ async def test_malformed_annotation_is_counted_and_ignored(http, bad):
     assert after["annotations_seen"] == before["annotations_seen"] + 1
 
 
+async def test_extra_key_partitions_the_cache_without_an_annotation(http):
+    """As in SGLang, a request's extra_key partitions the cache: the same text under another
+    extra_key gets neither the exact prefix nor content hits; under its own it does."""
+    await flush(http)
+    body = {"text": DOC[:400], "sampling_params": {**GREEDY, "max_new_tokens": 1},
+            "irminsul_policy": "pic"}
+    await post(http, "/generate", {**body, "extra_key": "tenant-a"})
+    _, other = await post(http, "/generate", {**body, "extra_key": "tenant-b"})
+    counts = assert_counts(other["meta_info"]["irminsul"], other["meta_info"]["prompt_tokens"])
+    assert counts.exact_prefix_tokens == 0 and counts.reused_tokens == 0
+    _, plain = await post(http, "/generate", body)  # no extra_key: its own partition too
+    assert plain["meta_info"]["cached_tokens"] == 0
+    _, same = await post(http, "/generate", {**body, "extra_key": "tenant-a"})
+    assert same["meta_info"]["cached_tokens"] > 0
+
+
 async def test_flush_cache_empties_the_store(http):
     body = {"text": DOC[:300], "sampling_params": {**GREEDY, "max_new_tokens": 1}}
     await post(http, "/generate", body)

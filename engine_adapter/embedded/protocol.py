@@ -241,7 +241,7 @@ class RequestParser:
             ids=ids, anchors=tuple(anchors), params=params, stop=_stops(sp.get("stop")),
             skip_special_tokens=_bool(sp, "skip_special_tokens", True),
             annotation=annotation, policy=policy, policy_args=policy_args,
-            namespace=annotation.namespace if annotation else "", stream=stream,
+            namespace=_namespace(annotation, body.get("extra_key")), stream=stream,
             include_usage=include_usage, parse_tools=parse_tools,
             keep_special=self.tool_marker_ids if parse_tools else frozenset(),
             model=body["model"] if isinstance(body.get("model"), str) else self.model,
@@ -313,3 +313,16 @@ class RequestParser:
             return fn()
         except (ValueError, TypeError, KeyError, TemplateError) as e:
             raise ApiError(f"cannot render the prompt: {e}") from None
+
+
+def _namespace(annotation: Annotation | None, extra_key) -> str:
+    """The cache partition of a request. The proxy's annotation carries it (the tenant under
+    --isolate-tenants, whose extra_key it then also sends); without one, SGLang's own
+    ``extra_key`` partitions the cache as it does SGLang's radix tree, so a client talking to
+    `irminsul serve` directly gets the isolation it would get from SGLang."""
+    if annotation is not None:
+        return annotation.namespace
+    if isinstance(extra_key, str) and extra_key:
+        return f"extra_key:{extra_key}"
+    return ""
+
