@@ -170,7 +170,7 @@ def build_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     special, gen_bytes = {}, None
     if tokenizer_dir is not None:
-        special, gen_bytes = _copy_tokenizer(Path(tokenizer_dir), out)
+        special, gen_bytes = copy_tokenizer(Path(tokenizer_dir), out)
     cfg = preset_config(preset, **special, **overrides)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
@@ -191,7 +191,7 @@ def build_checkpoint(
     return out
 
 
-def _copy_tokenizer(src: Path, out: Path) -> tuple[dict[str, Any], bytes | None]:
+def copy_tokenizer(src: Path, out: Path) -> tuple[dict[str, Any], bytes | None]:
     """Copy the tokenizer files; return (special token ids, generation_config.json bytes)."""
     if not (src / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{src / 'tokenizer.json'} not found")

@@ -19,6 +19,7 @@ import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -65,8 +66,10 @@ def key_value(rng: random.Random) -> tuple[str, str]:
             f"{rng.choice(pool).upper()}-{rng.randint(1000, 9999)}")
 
 
-class RetrievalPrompt(dict):
-    """messages (chat), answer (the value), asked_doc (index of the document holding it)."""
+class RetrievalPrompt(NamedTuple):
+    messages: list[dict]  # OpenAI-style chat, the question last
+    answer: str  # the asked value
+    asked_doc: int  # index of the document holding it
 
 
 def retrieval_messages(rng: random.Random, tokenizer, target_tokens: int,
@@ -157,8 +160,8 @@ def retrieval_accuracy(model, tokenizer, config: SkillEvalConfig = SkillEvalConf
     hits, lengths = 0, []
     for _ in range(config.retrieval_prompts):
         p = retrieval_messages(rng, tokenizer, config.retrieval_tokens)
-        ids = tokenizer.encode_chat(p["messages"], add_generation_prompt=True).ids
+        ids = tokenizer.encode_chat(p.messages, add_generation_prompt=True).ids
         lengths.append(len(ids))
         out = tokenizer.decode(greedy(model, [int(t) for t in ids], 12, stop_ids))
-        hits += out.strip().startswith(p["answer"])
+        hits += out.strip().startswith(p.answer)
     return hits / config.retrieval_prompts, float(np.mean(lengths))

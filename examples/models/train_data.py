@@ -106,8 +106,8 @@ def _retrieval_sample(rng: random.Random, max_tokens: int):
 
     target = rng.randint(200, max_tokens - 40)
     p = retrieval_messages(rng, _TOKENIZER, target)
-    prompt = _TOKENIZER.encode_chat(p["messages"], add_generation_prompt=True).ids
-    reply = _TOKENIZER.encode(p["answer"] + "<|end|>\n")
+    prompt = _TOKENIZER.encode_chat(p.messages, add_generation_prompt=True).ids
+    reply = _TOKENIZER.encode(p.answer + "<|end|>\n")
     ids = np.concatenate([np.asarray(prompt, np.int32), np.asarray(reply, np.int32)])
     w = np.ones(len(ids), np.float32)
     w[len(prompt):] = 5.0  # the answer is what the task teaches; the rest is ordinary text

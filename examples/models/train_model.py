@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,9 +36,7 @@ import train_data
 
 from irminsul.chunking.tokenizer import ModelTokenizer
 from irminsul.engine_adapter.embedded import skill_eval
-from irminsul.engine_adapter.embedded.presets import preset_config
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+from irminsul.engine_adapter.embedded.presets import copy_tokenizer, preset_config
 
 
 def log(msg: str) -> None:
@@ -162,10 +159,10 @@ def save(model, out: Path, tokenizer_dir: Path | None) -> None:
         bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
         pad_token_id=model.config.pad_token_id, do_sample=False)
     model.save_pretrained(out, safe_serialization=True)
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copyfile(tokenizer_dir / name, out / name)
+    if tokenizer_dir is not None:  # the tokenizer files, as presets.build_checkpoint copies them
+        _, gen_bytes = copy_tokenizer(tokenizer_dir, out)
+        if gen_bytes is not None:
+            (out / "generation_config.json").write_bytes(gen_bytes)
 
 
 def lr_at(progress: float, peak: float, warmup: float) -> float:
