@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import aiohttp
 
 from irminsul.proxy.errors import upstream_error_message
+from irminsul.proxy.first_token import anthropic_event_shows_token, chunk_shows_token
 from irminsul.proxy.sse import DONE, aiter_sse
 from irminsul.proxy.usage import (
     UpstreamUsage,
@@ -29,25 +30,9 @@ from irminsul.proxy.usage import (
 
 
 class StreamResult(NamedTuple):
-    first_token_at: float | None  # time.perf_counter() of the first generated content
+    first_token_at: float | None  # time.perf_counter() of the first generated token
     usage: UpstreamUsage | None
     error: str | None  # an error the stream carried, or a format it broke
-
-
-def _has_content(api: str, payload: Mapping) -> bool:
-    if api == "generate":
-        return bool(payload.get("text")) or bool(payload.get("output_ids"))
-    for choice in payload.get("choices") or ():
-        if not isinstance(choice, Mapping):
-            continue
-        if choice.get("text"):
-            return True
-        delta = choice.get("delta")
-        if isinstance(delta, Mapping) and any(
-            delta.get(k) for k in ("content", "tool_calls", "reasoning_content", "refusal")
-        ):
-            return True
-    return False
 
 
 def _usage(api: str, payload: Mapping) -> UpstreamUsage | None:
@@ -75,20 +60,16 @@ async def read_stream(response: Any, api: str) -> StreamResult:
                 return StreamResult(first, usage, upstream_error_message(200, payload))
             if api == "anthropic":
                 kind = payload.get("type")
+                if first is None and anthropic_event_shows_token(kind, payload):
+                    first = time.perf_counter()
                 if kind == "message_start":
                     message = payload.get("message")
                     if isinstance(message, Mapping):
                         usage = merge(usage, read_anthropic(message.get("usage")))
                 elif kind == "message_delta":
                     usage = merge(usage, read_anthropic(payload.get("usage")))
-                elif kind == "content_block_delta" and first is None:
-                    first = time.perf_counter()
-                elif kind == "content_block_start" and first is None:
-                    block = payload.get("content_block")
-                    if isinstance(block, Mapping) and block.get("type") == "tool_use":
-                        first = time.perf_counter()
                 continue
-            if first is None and _has_content(api, payload):
+            if first is None and chunk_shows_token(api, payload):
                 first = time.perf_counter()
             usage = merge(usage, _usage(api, payload))
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:  # dropped mid-stream

@@ -11,6 +11,7 @@ import json
 
 from irminsul.proxy.errors import anthropic_error_body, openai_error_body, upstream_error_message
 from irminsul.proxy.exchange import Exchange
+from irminsul.proxy.first_token import chunk_shows_token
 from irminsul.proxy.sse import DONE, SSEEvent, encode_done, encode_event, encode_named
 from irminsul.proxy.streams import StreamBroken, loads
 from irminsul.proxy.translation import TokenCounts
@@ -24,19 +25,6 @@ from irminsul.proxy.usage import (
     rewrite_generate,
     rewrite_openai,
 )
-
-
-def _chat_has_content(payload: dict) -> bool:
-    for choice in payload.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta") or {}
-        if isinstance(delta, dict) and (delta.get("content") or delta.get("reasoning_content")
-                                        or delta.get("tool_calls")):
-            return True
-        if choice.get("text"):  # /v1/completions
-            return True
-    return False
 
 
 class OpenAIEvents:
@@ -76,7 +64,7 @@ class OpenAIEvents:
                 return b""
             if self.rewrite and usage.get("irminsul") is not None:
                 data = json.dumps({**payload, "usage": rewrite_openai(usage)})
-        if ex.ttft_s is None and _chat_has_content(payload):
+        if ex.ttft_s is None and chunk_shows_token(self.api, payload):
             ex.first_content()
         return encode_event(data, event=ev.event)
 
@@ -87,7 +75,7 @@ class OpenAIEvents:
             self.ex.usage = merge(self.ex.usage, read_generate(meta))
             if self.rewrite and meta.get("irminsul") is not None:
                 data = json.dumps({**payload, "meta_info": rewrite_generate(meta)})
-        if payload.get("text") or payload.get("output_ids"):
+        if self.ex.ttft_s is None and chunk_shows_token("generate", payload):
             self.ex.first_content()
         return encode_event(data, event=ev.event)
 
@@ -109,9 +97,9 @@ class AnthropicEvents:
 
     def event(self, ev: SSEEvent) -> bytes:
         name = ev.event
-        if name == "content_block_delta":
-            self.ex.first_content()
-        elif name == "message_stop":
+        if self.ex.ttft_s is None and name in ("content_block_delta", "message_delta"):
+            self.ex.first_content()  # (a tool_use block's start would need a parse per event)
+        if name == "message_stop":
             self.done = True
         elif name == "error":
             self.errored = True
@@ -221,7 +209,7 @@ class TranslatedEvents:
             raise StreamBroken(upstream_error_message(502, payload))
         if isinstance(payload.get("usage"), dict):
             self.ex.usage = merge(self.ex.usage, read_openai(payload["usage"]))
-        if self.ex.ttft_s is None and _chat_has_content(payload):
+        if self.ex.ttft_s is None and chunk_shows_token("openai", payload):
             self.ex.first_content()
         return encode_named(self.t.feed(payload))
 

@@ -230,3 +230,71 @@ def test_cli_replays_a_sample_into_the_db(tmp_path):
     rows = read_rows(db)
     assert len(rows) == 4 and {r["run"] for r in rows} == {"cli"}
     assert {r["family"] for r in rows} == {"rag"} and all(r["completion_tokens"] == 2 for r in rows)
+
+
+def _textless_app(finish: bool) -> web.Application:
+    """A server whose streamed answers carry no text: OpenAI's role chunk then, when ``finish``,
+    the chunk that ends the answer; Anthropic's events likewise (a model whose first token is a
+    stop token, or decodes to half a UTF-8 character, answers like this)."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]}]
+        if finish:
+            chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        chunks.append({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 1}})
+        for c in chunks:
+            await resp.write(f"data: {json.dumps(c)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        events = [("message_start", {"type": "message_start", "message": {
+            "usage": {"input_tokens": 7, "output_tokens": 0}}})]
+        if finish:
+            events.append(("message_delta", {"type": "message_delta", "delta": {
+                "stop_reason": "end_turn"}, "usage": {"output_tokens": 1}}))
+        events.append(("message_stop", {"type": "message_stop"}))
+        for name, data in events:
+            await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/messages", messages)
+    return app
+
+
+@pytest.mark.parametrize("finish", [True, False])
+async def test_an_answer_without_text_has_a_ttft_when_it_ended(aiohttp_server, tmp_path, finish):
+    server = await aiohttp_server(_textless_app(finish))
+    requests = load_trace(EXAMPLES / "mixed.jsonl")[:6]
+    assert {r.api for r in requests} == {"openai", "anthropic"}
+    db = tmp_path / "t.db"
+    await replay_to_db(requests, ReplayConfig(str(server.make_url("")), "textless"), db)
+    rows = read_rows(db)
+    assert len(rows) == 6 and all(r["error"] is None for r in rows)
+    if finish:  # the end of the answer is when its (only) token came
+        assert all(0 < r["ttft_ms"] <= r["total_ms"] for r in rows)
+    else:  # no token was ever shown: no TTFT rather than an invented one
+        assert all(r["ttft_ms"] is None for r in rows)
+
+
+async def test_the_proxy_logs_the_same_ttft_for_an_answer_without_text(aiohttp_server, tmp_path):
+    from irminsul.proxy.app import create_app
+    from irminsul.proxy.config import ProxyConfig
+
+    upstream = await aiohttp_server(_textless_app(finish=True))
+    proxy_db = tmp_path / "proxy.db"
+    app = create_app(ProxyConfig(upstream=str(upstream.make_url("")), db=str(proxy_db)),
+                     tokenizer=tiny_tokenizer())
+    proxy = await aiohttp_server(app)
+    requests = load_trace(EXAMPLES / "mixed.jsonl")[:6]
+    await replay_to_db(requests, ReplayConfig(str(proxy.make_url("")), "via"), tmp_path / "r.db")
+    await proxy.close()  # the proxy writes its rows after answering: closing flushes them
+    rows = read_rows(proxy_db)
+    assert len(rows) == 6 and all(r["error"] is None for r in rows)
+    assert all(0 < r["ttft_ms"] <= r["total_ms"] for r in rows)
