@@ -60,6 +60,9 @@ def words() -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+VALUE_RE = re.compile(r"\b[A-Z]{2,}-\d{4}\b")  # the shape of key_value()'s values
+
+
 def key_value(rng: random.Random) -> tuple[str, str]:
     pool = words()
     return (f"{rng.choice(pool)}-{rng.randint(10, 99)}",
@@ -70,12 +73,17 @@ class RetrievalPrompt(NamedTuple):
     messages: list[dict]  # OpenAI-style chat, the question last
     answer: str  # the asked value
     asked_doc: int  # index of the document holding it
+    # (question, answer) pairs asked after the first answer (training prompts only)
+    followups: tuple[tuple[str, str], ...] = ()
 
 
 def retrieval_messages(rng: random.Random, tokenizer, target_tokens: int,
-                       doc_words: tuple[int, int] = (60, 220)) -> RetrievalPrompt:
-    """Documents until the rendered prompt reaches about ``target_tokens``; 1-4 facts spread
-    over them (distinct keys, one template), the asked one in the first 60% of the prompt."""
+                       doc_words: tuple[int, int] = (60, 220), facts: tuple[int, int] = (1, 4),
+                       questions: int = 1) -> RetrievalPrompt:
+    """Documents until the rendered prompt reaches about ``target_tokens``; between ``facts``
+    facts spread over them, one per document (distinct keys, one template), the asked one in
+    the first 60% of the prompt. ``questions`` > 1 asks about other facts too, as ``followups`` (training prompts:
+    more answers per token read, each against the same distractors)."""
     fact, question = rng.choice(FACTS)
     docs, total = [], 40
     while total < target_tokens - 60:
@@ -89,11 +97,11 @@ def retrieval_messages(rng: random.Random, tokenizer, target_tokens: int,
             ids = ids[:room]
         docs.append([title, text])
         total += len(ids) + 12
-    n_facts = min(len(docs), rng.randint(1, 4))
+    n_facts = min(len(docs), rng.randint(*facts))
     holders = rng.sample(range(len(docs)), n_facts)
     asked = rng.choice([h for h in holders if h <= max(0, int(0.6 * len(docs)))] or holders)
     keys: set[str] = set()
-    answer = ""
+    answer, pairs = "", []
     for h in holders:
         k, v = key_value(rng)
         while k in keys:
@@ -103,6 +111,7 @@ def retrieval_messages(rng: random.Random, tokenizer, target_tokens: int,
         at = rng.randrange(len(sentences) + 1)
         sentences.insert(at, fact.format(k=k, v=v).rstrip("."))
         docs[h][1] = ". ".join(sentences)
+        pairs.append((k, v))
         if h == asked:
             asked_key, answer = k, v
     header = (f"Current time: 2025-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} "
@@ -110,7 +119,10 @@ def retrieval_messages(rng: random.Random, tokenizer, target_tokens: int,
     msgs = [{"role": "system", "content": header}]
     msgs += [{"role": "user", "content": f"# {t}\n\n{x}"} for t, x in docs]
     msgs.append({"role": "user", "content": question.format(k=asked_key)})
-    return RetrievalPrompt(messages=msgs, answer=answer, asked_doc=asked)
+    others = [kv for kv in pairs if kv[0] != asked_key]
+    extra = rng.sample(others, min(len(others), questions - 1)) if questions > 1 else []
+    return RetrievalPrompt(messages=msgs, answer=answer, asked_doc=asked,
+                           followups=tuple((question.format(k=k), v) for k, v in extra))
 
 
 def _device(model) -> torch.device:

@@ -101,26 +101,37 @@ def _trace_sample(rng: random.Random, max_tokens: int):
     return ids, np.ones(len(ids), np.float32)
 
 
-def _retrieval_sample(rng: random.Random, max_tokens: int):
+def _retrieval_sample(rng: random.Random, max_tokens: int, facts: int = 4, questions: int = 1):
+    """A retrieval prompt with 1-``facts`` facts and 1-``questions`` questions about them, each
+    answered by the assistant: the answers are what the task teaches (weight 5), the rest is
+    ordinary text. The shipped model was trained with the defaults (one question, up to 4 facts,
+    as the evaluation asks); more facts and questions were tried since (bench/results/
+    2026-11-23-h100-retrain-multiquestion.txt)."""
     from irminsul.engine_adapter.embedded.skill_eval import retrieval_messages
 
-    target = rng.randint(200, max_tokens - 40)
-    p = retrieval_messages(rng, _TOKENIZER, target)
-    prompt = _TOKENIZER.encode_chat(p.messages, add_generation_prompt=True).ids
-    reply = _TOKENIZER.encode(p.answer + "<|end|>\n")
-    ids = np.concatenate([np.asarray(prompt, np.int32), np.asarray(reply, np.int32)])
-    w = np.ones(len(ids), np.float32)
-    w[len(prompt):] = 5.0  # the answer is what the task teaches; the rest is ordinary text
+    room = 40 if questions == 1 else 120  # the answer(s), and follow-up questions, after it
+    target = rng.randint(min(200, max_tokens // 2), max_tokens - room)
+    asked = rng.randint(1, questions) if questions > 1 else 1
+    p = retrieval_messages(rng, _TOKENIZER, target, facts=(1, facts), questions=asked)
+    parts = [(_TOKENIZER.encode_chat(p.messages, add_generation_prompt=True).ids, 1.0)]
+    parts.append((_TOKENIZER.encode(p.answer + "<|end|>\n"), 5.0))
+    for q, a in p.followups:  # rendered as the chat template renders the next turns
+        parts.append((_TOKENIZER.encode(f"<|user|>{q}<|end|>\n<|assistant|>"), 1.0))
+        parts.append((_TOKENIZER.encode(a + "<|end|>\n"), 5.0))
+    ids = np.concatenate([np.asarray(x, np.int32) for x, _ in parts])
+    w = np.concatenate([np.full(len(x), wt, np.float32) for x, wt in parts])
     return ids[:max_tokens], w[:max_tokens]
 
 
-def _samples(args: tuple[int, int, int, float]):
-    seed, n, max_tokens, retrieval_share = args
+def _samples(args: tuple[int, int, int, float, int, int]):
+    seed, n, max_tokens, retrieval_share, facts, questions = args
     rng = random.Random(f"irminsul-train:{seed}")
     out = []
     for _ in range(n):
-        make = _retrieval_sample if rng.random() < retrieval_share else _trace_sample
-        out.append(make(rng, max_tokens))
+        if rng.random() < retrieval_share:
+            out.append(_retrieval_sample(rng, max_tokens, facts, questions))
+        else:
+            out.append(_trace_sample(rng, max_tokens))
     return max_tokens, out
 
 
@@ -131,15 +142,18 @@ class ChatPool:
     call. Samples are packed first-fit into rows in the order made; none spans two rows."""
 
     def __init__(self, tokenizer_dir: Path, seqs: dict[int, int], seed: int, workers: int,
-                 pad_id: int, retrieval_share: float = 0.6, per_job: int = 8):
+                 pad_id: int, retrieval_share: float = 0.6, per_job: int = 8,
+                 retrieval_facts: int = 4, retrieval_questions: int = 1):
         self.seqs = seqs  # seq -> relative share of jobs
         self.seed, self.pad_id, self.share, self.per_job = seed, pad_id, retrieval_share, per_job
+        self.facts, self.questions = retrieval_facts, retrieval_questions
         self.workers = workers
         self._open = {s: [] for s in seqs}  # the row being filled: list of (ids, w)
         self._done = {s: [] for s in seqs}
         self.made = dict.fromkeys(seqs, 0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.error: Exception | None = None
         self._pool = Pool(workers, initializer=_init, initargs=(str(tokenizer_dir),))
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -151,13 +165,16 @@ class ChatPool:
             jobs = []
             for _ in range(self.workers * 2):
                 s = kinds[job % len(kinds)]
-                jobs.append((self.seed * 1_000_003 + job, self.per_job, s + 1, self.share))
+                jobs.append((self.seed * 1_000_003 + job, self.per_job, s + 1, self.share,
+                             self.facts, self.questions))
                 job += 1
             try:
                 for seq_plus, samples in self._pool.imap_unordered(_samples, jobs):
                     for x, w in samples:
                         self._pack(seq_plus - 1, x, w)
-            except (ValueError, OSError):  # the pool was closed under us at the end
+            except Exception as e:  # noqa: BLE001 - handed to the trainer by take()
+                if not self._stop.is_set():  # a worker's error, not the pool closed at the end
+                    self.error = e
                 return
 
     def _pack(self, seq: int, x: np.ndarray, w: np.ndarray) -> None:
@@ -176,6 +193,8 @@ class ChatPool:
         row.append((x, w))
 
     def take(self, seq: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.error is not None:  # fail the run rather than train on text alone
+            raise RuntimeError(f"chat sample workers failed: {self.error!r}") from self.error
         with self._lock:
             rows, self._done[seq] = self._done[seq], []
         if not rows:

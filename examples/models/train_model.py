@@ -188,6 +188,10 @@ def main(argv=None) -> int:
     ap.add_argument("--copy-share", type=float, default=0.15)
     ap.add_argument("--retrieval-share", type=float, default=0.6,
                     help="share of chat samples that are retrieval prompts")
+    ap.add_argument("--retrieval-facts", type=int, default=4,
+                    help="facts per retrieval prompt, at most (the evaluation's: 4)")
+    ap.add_argument("--retrieval-questions", type=int, default=1,
+                    help="questions per retrieval prompt, at most (each answered in turn)")
     ap.add_argument("--init", type=Path, default=None,
                     help="start from this checkpoint (OUT/irminsul-mla of an earlier run) "
                          "and its aux/; the record adds up both stages' training time")
@@ -213,7 +217,9 @@ def main(argv=None) -> int:
     log(f"corpus: {len(train) / 1e6:.2f} M train tokens, {len(heldout) / 1e3:.0f} K held out")
     # long rows are needed only at the end, so they get a third of the workers' jobs
     chat = train_data.ChatPool(a.tokenizer, {a.seq: 2, a.long_seq: 1}, a.seed, a.workers, pad,
-                               retrieval_share=a.retrieval_share)
+                               retrieval_share=a.retrieval_share,
+                               retrieval_facts=a.retrieval_facts,
+                               retrieval_questions=a.retrieval_questions)
     batches = Batches(train, chat, vocab, first_id, bos, device, a.seed,
                       (a.chat_share, a.copy_share))
 
