@@ -6,14 +6,16 @@ Profile:       add --profile FILE (one more pic request, see below)
 
 One process builds the random bf16 checkpoint (presets.build_checkpoint('v2-lite'), on the
 GPU), checks the fused placement kernel against the torch path on the real shapes (placed KV
-slot by slot, then pic's logits) and FlexAttention against the dense mask (logits), then
-times, for prompts of 8K and 32K tokens and two edits of a warm prompt (a changed 200-token
-header; the same header with the sections in reverse order):
-full, prefix, pic k=0, pic default k, blend 10% with FlexAttention, and pic with the dense
-4-D mask. Each measurement flushes the store, prefills the warm prompt with ``full``, then
-times the edited prompt to its first sampled token (warm-up round + --reps rounds,
-round-robin, median). A second pass with the device synchronised around the placement gives
-its time and share of TTFT. Prints the table last and writes everything to --out.
+slot by slot, then pic's logits) and the engine's attention against the library's dense path
+(logits), then times, for prompts of 8K and 32K tokens and two edits of a warm prompt (a
+changed 200-token header; the same header with the sections in reverse order): full, prefix,
+pic k=0, pic default k and blend 10% with the engine's default attention (the absorbed MLA
+form for blocks of few queries, absorbed.py), pic default k on the library's dense path
+alone, and with --flex on FlexAttention. Each measurement flushes the store, prefills the
+warm prompt with ``full``, then times the edited prompt to its first sampled token (warm-up
+round + --reps rounds, round-robin, median). A second pass with the device synchronised
+around the placement gives its time and share of TTFT. Prints the table last and writes
+everything to --out.
 
 --profile FILE: after the timed runs, one pic request (default k, the header edit, the first
 size, the attention the timed pic rows used) runs under torch.profiler (CPU and, on CUDA, CUDA
@@ -65,13 +67,17 @@ class Log:
         self.path.write_text("\n".join(self.lines) + "\n")
 
 
-def cases(k: int) -> list[tuple[str, str, dict, str]]:
-    """(label, policy, policy args, prefill attention)."""
-    return [("full", "full", {}, "flex"), ("prefix", "prefix", {}, "flex"),
-            ("pic k=0", "pic", {"k": 0}, "flex"), (f"pic k={k}", "pic", {"k": k}, "flex"),
-            ("blend r=0.1", "blend", {"r": 0.1}, "flex"),
-            ("pic k=0 dense", "pic", {"k": 0}, "dense"),
+def cases(k: int, flex: bool) -> list[tuple[str, str, dict, str]]:
+    """(label, policy, policy args, prefill attention). The engine's default attention
+    ("auto": absorbed MLA for blocks of few queries, the library's dense path for the rest),
+    then pic on the library's path alone, and with --flex on FlexAttention."""
+    rows = [("full", "full", {}, "auto"), ("prefix", "prefix", {}, "auto"),
+            ("pic k=0", "pic", {"k": 0}, "auto"), (f"pic k={k}", "pic", {"k": k}, "auto"),
+            ("blend r=0.1", "blend", {"r": 0.1}, "auto"),
             (f"pic k={k} dense", "pic", {"k": k}, "dense")]
+    if flex:
+        rows.append((f"pic k={k} flex", "pic", {"k": k}, "flex"))
+    return rows
 
 
 def prompts(engine: Engine, n: int, corpus: np.ndarray):
@@ -180,9 +186,10 @@ def check_placement(engine, warm, edit, k, log) -> None:
         raise SystemExit("the placement kernel disagrees with the torch path")
 
 
-def check_attention(engine, warm, edit, k, log) -> None:
+def check_attention(engine, warm, edit, k, attentions, log) -> None:
+    """Logits of full and pic under each attention against the library's dense full."""
     out = {}
-    for attention in ("dense", "flex"):
+    for attention in attentions:
         for policy, args in (("full", {}), ("pic", {"k": k})):
             engine.runner.prefill_attention = attention
             engine.flush_cache()
@@ -195,9 +202,11 @@ def check_attention(engine, warm, edit, k, log) -> None:
     for key, v in out.items():
         if key != ("dense", "full"):
             parts.append(f"{key[1]} {key[0]} {(v - ref).abs().max().item():.3f}")
-    fd = (out["flex", "pic"] - out["dense", "pic"]).abs().max().item()
+    same = ", ".join(f"pic {att} vs pic dense "
+                     f"{(out[att, 'pic'] - out['dense', 'pic']).abs().max().item():.3f}"
+                     for att in attentions if att != "dense")
     log(f"  logits max|d| vs dense full (scale {scale:.2f}): " + ", ".join(parts)
-        + f"; pic flex vs pic dense {fd:.3f}")
+        + f"; {same}")
 
 
 @contextmanager
@@ -271,6 +280,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, help="timed rounds after the warm-up round")
     ap.add_argument("--k", type=int, default=16, help="pic's default k")
     ap.add_argument("--model", type=Path, help="an existing checkpoint instead of building one")
+    ap.add_argument("--flex", action="store_true",
+                    help="also time and check pic with FlexAttention (compiles: ~20 s more)")
     ap.add_argument("--profile", type=Path, metavar="FILE",
                     help="after the timed runs, profile one pic request at the first size "
                          "and write torch.profiler's operator tables here")
@@ -304,21 +315,22 @@ def main() -> None:
     log(f"# command: {' '.join(sys.argv)}")
     corpus = ttft.body_tokens(engine, max(sizes) + 2 * HEADER_TOKENS)
     rows = []
-    flex_ok = True
+    flex_ok = a.flex
     for n in sizes:
         warm, edits = prompts(engine, n, corpus)
         log(f"\n## {len(warm[0])}-token prompt ({n} body tokens in {SECTIONS} sections)")
         t0 = time.perf_counter()
         check_placement(engine, warm, edits["reorder"], a.k, log)
-        try:
-            check_attention(engine, warm, edits["header"], a.k, log)
-        except Exception as e:  # noqa: BLE001  (one GPU run: keep the other figures)
-            log(f"  FLEX FAILED ({type(e).__name__}: {str(e)[:300]}); flex cases run dense")
-            flex_ok = False
-        log(f"  checks took {time.perf_counter() - t0:.0f} s (flex compiles on first use)")
+        check_attention(engine, warm, edits["header"], a.k, ("dense", "auto"), log)
+        if flex_ok:
+            try:
+                check_attention(engine, warm, edits["header"], a.k, ("dense", "flex"), log)
+            except Exception as e:  # noqa: BLE001  (one GPU run: keep the other figures)
+                log(f"  FLEX FAILED ({type(e).__name__}: {str(e)[:300]}); no flex rows")
+                flex_ok = False
+        log(f"  checks took {time.perf_counter() - t0:.0f} s")
         for edit_name, edit in edits.items():
-            cs = [(lab + ("" if flex_ok or att == "dense" else " (dense!)"), pol, arg,
-                   att if flex_ok else "dense") for lab, pol, arg, att in cases(a.k)]
+            cs = cases(a.k, flex_ok)
             times = {c[0]: [] for c in cs}
             counts = {}
             for rep in range(reps + 1):  # round-robin; round 0 warms allocator and compiler
@@ -346,8 +358,7 @@ def main() -> None:
             f"{place * 1e3:>9.2f}{place / med:>7.1%}")
     if a.profile is not None:
         warm, edits = prompts(engine, sizes[0], corpus)
-        profile_request(engine, warm, edits["header"], a.k, "flex" if flex_ok else "dense",
-                        a.profile, log)
+        profile_request(engine, warm, edits["header"], a.k, "auto", a.profile, log)
 
 
 if __name__ == "__main__":

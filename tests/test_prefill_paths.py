@@ -129,6 +129,7 @@ def test_position_block_mask_equals_dense_mask(q, span):
 def test_flex_prefill_matches_dense(engine, policy):
     (a, aa), (b, ba) = _prompts(2)
     out = {}
+    before = engine.runner.prefill_attention
     try:
         for attn in ("dense", "flex"):
             engine.runner.prefill_attention = attn
@@ -136,7 +137,7 @@ def test_flex_prefill_matches_dense(engine, policy):
             engine.prefill(a, anchors=aa, policy="full")
             out[attn] = engine.prefill(b, anchors=ba, policy=policy, policy_args={"k": 4})
     finally:
-        engine.runner.prefill_attention = "dense"
+        engine.runner.prefill_attention = before
     assert out["flex"].counts == out["dense"].counts
     if policy != "full":
         assert out["flex"].counts.reused_tokens > 0

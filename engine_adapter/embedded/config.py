@@ -12,7 +12,7 @@ DTYPES = ("auto", "bfloat16", "float32")
 POLICIES = ("full", "prefix", "pic", "blend", "clip")
 ATTENTION = ("sdpa", "eager")
 PLACEMENTS = ("auto", "torch", "triton")
-PREFILL_ATTENTION = ("auto", "dense", "flex")
+PREFILL_ATTENTION = ("auto", "dense", "absorbed", "flex")
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,13 @@ class EngineConfig:
     attn_implementation: str = "sdpa"  # the library's attention: sdpa|eager
     prefill_block: int = 4096
     # How reused KV is placed: auto (the fused Triton kernel on CUDA when Triton is
-    # importable, else torch)|torch|triton; and how prefill query blocks attend over the
-    # slot buffer: auto (= dense, see model_runner.py)|dense (additive 4-D mask)|flex
-    # (FlexAttention with a block mask).
+    # importable, else torch)|torch|triton; and how query blocks attend over the slot
+    # buffer: auto (absorbed MLA for blocks of at most absorbed_max_queries queries, dense
+    # above)|dense (the library's attention, additive 4-D mask)|absorbed (always)|flex
+    # (FlexAttention with a block mask). See model_runner.py and absorbed.py.
     placement: str = "auto"
     prefill_attention: str = "auto"
+    absorbed_max_queries: int = 512
     self_check: bool = True
     check_rope_tol: float = 1e-5
     # None: the model's irminsul.json, else gate.BUILTIN (1.0, 0.0, 4; audits 1.0, 0.0).
@@ -100,6 +102,7 @@ class EngineConfig:
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
         for name, low in (("cache_bytes", 0), ("pic_k", 0), ("max_seq_len", 1),
+                          ("absorbed_max_queries", 0),
                           ("prefill_block", 1), ("check_tokens", 1), ("audit_window", 1),
                           ("clip_queries", 1), ("clip_window", 1)):
             value = getattr(self, name)

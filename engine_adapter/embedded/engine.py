@@ -98,7 +98,8 @@ class Engine:
             raise FileNotFoundError(f"clip: auxiliary model {aux}: no config.json")
         self.runner = ModelRunner(root, config.device, config.dtype,
                                   config.attn_implementation, config.prefill_block,
-                                  config.placement, config.prefill_attention)
+                                  config.placement, config.prefill_attention,
+                                  config.absorbed_max_queries)
         self.tokenizer = ModelTokenizer.from_dir(root)
         if self.tokenizer.vocab_size > self.runner.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "

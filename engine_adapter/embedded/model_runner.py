@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ...kernels.rope import RopeSpec, apply_rope
-from . import attention
+from . import absorbed, attention
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -104,6 +104,25 @@ class _MemoExpand:
         return kv.keys[layer][:, :, :t], kv.values[layer][:, :, :t]
 
 
+class _Attention:
+    """Stands in for one attention module's forward: the absorbed form (absorbed.py) while
+    the runner runs a block it chose that form for, the library's own forward otherwise."""
+
+    def __init__(self, runner: ModelRunner, attn):
+        self.runner, self.attn, self.inner = runner, attn, attn.forward
+        self.rope = absorbed.library_rope(attn)
+
+    def __call__(self, hidden_states, attention_mask=None, past_key_values=None,
+                 position_embeddings=None, **kwargs):
+        if self.runner.absorbing:
+            return absorbed.absorbed_attention(self.attn, hidden_states, attention_mask,
+                                               past_key_values, position_embeddings,
+                                               self.rope), None
+        return self.inner(hidden_states, attention_mask=attention_mask,
+                          past_key_values=past_key_values,
+                          position_embeddings=position_embeddings, **kwargs)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -147,6 +166,7 @@ class ModelRunner:
         prefill_block: int = 4096,
         placement: str = "auto",
         prefill_attention: str = "auto",
+        absorbed_max_queries: int = 512,
     ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -173,14 +193,21 @@ class ModelRunner:
         self.attn_implementation = attn_implementation
         # Both may be switched between calls (benchmarks compare them in one process).
         self.placement = resolve_placement(placement, self.device)
-        # auto is dense everywhere: on an H100, FlexAttention was no faster than the dense mask
-        # for pic's few recomputed queries (same run: bench/results/2026-11-23-h100-gpu_ttft.txt)
-        # and a 32K full prefill took 1.92 s with it against 1.40 s dense in the earlier
-        # 2026-11-23-h100-v2lite-ttft.txt, so it stays opt-in until it wins.
-        self.prefill_attention = "dense" if prefill_attention == "auto" else prefill_attention
+        # How a block of queries attends: "dense", the library's attention over expanded K/V
+        # with an additive mask; "absorbed" (absorbed.py), over the latents; "auto", absorbed
+        # for blocks of at most absorbed_max_queries queries (pic's recomputed tokens, decode
+        # steps), dense above; "flex", FlexAttention's block mask (opt-in: on an H100 it was no
+        # faster than the dense mask for pic, and a 32K full prefill took 1.92 s with it
+        # against 1.40 s dense: bench/results/2026-11-23-h100-gpu_ttft.txt, -v2lite-ttft.txt).
+        self.prefill_attention = prefill_attention
+        self.absorbed_max_queries = absorbed_max_queries
         self.active: KVBuffer | None = None  # the buffer run_layers is working on
+        self.absorbing = False  # the block being run uses the absorbed form
+        self.can_absorb = all(absorbed.supports(layer.self_attn) for layer in self.layers)
         for layer in self.layers:
             layer.self_attn.expand_kv = _MemoExpand(self, layer.self_attn)
+            if self.can_absorb:
+                layer.self_attn.forward = _Attention(self, layer.self_attn)
 
     def new_kv(self, capacity: int) -> KVBuffer:
         return KVBuffer(
@@ -220,27 +247,37 @@ class ModelRunner:
             pos = positions[b : b + self.prefill_block]
             h = hidden[:, b : b + self.prefill_block]
             visible = int(pos[-1]) + 1
+            self.absorbing = self.absorbs(pos.numel())
             mask = self._mask(pos, visible)
             cache = _SlotCache(kv, pos, visible)
             pe = self.model.model.rotary_emb(h, pos[None])
-            for layer in self.layers[first:last]:
-                h = layer(
-                    h,
-                    attention_mask=mask,
-                    position_ids=pos[None],
-                    past_key_values=cache,
-                    use_cache=True,
-                    position_embeddings=pe,
-                )
+            try:
+                for layer in self.layers[first:last]:
+                    h = layer(
+                        h,
+                        attention_mask=mask,
+                        position_ids=pos[None],
+                        past_key_values=cache,
+                        use_cache=True,
+                        position_embeddings=pe,
+                    )
+            finally:
+                self.absorbing = False
             outs.append(h)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
+    def absorbs(self, queries: int) -> bool:
+        """Whether a block of this many queries attends in the absorbed form."""
+        if not self.can_absorb or self.prefill_attention in ("dense", "flex"):
+            return False
+        return self.prefill_attention == "absorbed" or queries <= self.absorbed_max_queries
+
     def _mask(self, pos: torch.Tensor, visible: int):
-        """Query at position p sees slots <= p: an additive [1, 1, q, visible] mask (dense),
-        or a FlexAttention block mask (flex, attention.py)."""
+        """Query at position p sees slots <= p: an additive [1, 1, q, visible] mask (dense and
+        absorbed), or a FlexAttention block mask (flex, attention.py)."""
         if pos.numel() == 1 and int(pos[0]) == visible - 1:
             return None  # one query at the end sees everything
-        if self.prefill_attention == "flex":
+        if self.prefill_attention == "flex" and not self.absorbing:
             attention.install(self.model, self.attn_implementation)
             return attention.position_block_mask(pos, visible)
         slots = torch.arange(visible, device=self.device)

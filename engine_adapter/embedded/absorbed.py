@@ -1,0 +1,108 @@
+"""MLA attention in the absorbed form, over the runner's latent slot buffer.
+
+The library's attention expands every visible slot's latent c_KV into per-head keys and
+values (kv_b_proj) before attending. For a block of few queries over many placed slots (pic's
+recomputed tokens, a decode step) that expansion dominates: on an H100 a pic request at 8K
+tokens spent its time expanding and writing 8K slots x 27 layers of per-head K/V, and the
+memo that keeps them (model_runner._MemoExpand) costs a host sync per layer and ~2 GiB per
+8K-token request in V2-Lite's shape. The absorbed form folds kv_b_proj into the queries
+instead (DeepSeek-V2 paper, section 2.1.2):
+
+    score(h, i, s) = (W_UK[h]^T q_nope[h, i]) . c_KV[s] + q_pe[h, i] . k_pe[s]
+    out(h, i)      = W_UV[h] (sum_s p(h, i, s) c_KV[s])
+
+so attention reads the 576 latent values of each slot once, and nothing is expanded or
+stored per head. The projections, norms and RoPE are the library module's own weights and
+functions; only the order of the products changes (float32: equal up to rounding; bf16:
+scores are accumulated and kept in float32 where torch offers it, as the fused kernels do).
+It pays for few queries (its score costs rank + rope_dim per head and slot against the
+expanded form's qk_head_dim), so the runner uses it for blocks up to a query count
+(EngineConfig.absorbed_max_queries) and the library's path above that.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def library_rope(attn: nn.Module):
+    """The RoPE function the attention module's own forward applies: (q_pe, k_pe, position
+    embeddings) -> (q_pe, k_pe), position embeddings as the model's rotary_emb returns them."""
+    mod = sys.modules[type(attn).__module__]
+    if hasattr(mod, "apply_rotary_emb"):  # DeepSeek-V2: complex freqs_cis
+        return mod.apply_rotary_emb
+    interleave = getattr(attn.config, "rope_interleave", False)
+    fn = getattr(mod, "apply_rotary_pos_emb_interleave" if interleave else "apply_rotary_pos_emb",
+                 None)
+    if fn is None:  # a library version that names it otherwise: the runner keeps its path
+        return None
+
+    def rope(q, k, pe):
+        cos, sin = pe
+        return fn(q, k, cos, sin)
+
+    return rope
+
+
+def supports(attn: nn.Module) -> bool:
+    """A plain linear kv_b_proj (no quantised or sharded weight), which the fold needs, and a
+    RoPE function found in the module's library file."""
+    w = getattr(getattr(attn, "kv_b_proj", None), "weight", None)
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype.is_floating_point
+            and library_rope(attn) is not None)
+
+
+_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result. On CUDA in bf16 the product is accumulated in float32 and
+    returned unrounded (torch.mm's out_dtype), as a fused attention kernel keeps its scores;
+    elsewhere (CPU, float32, a torch without out_dtype) the plain product, cast."""
+    if a.is_cuda and a.dtype != torch.float32:
+        key = str(a.device)
+        if _OUT_DTYPE.get(key, True):
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, TypeError):
+                _OUT_DTYPE[key] = False
+    return (a @ b).float()
+
+
+def absorbed_attention(attn: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
+                       cache, position_embeddings, rope) -> torch.Tensor:
+    """One attention module's output [1, q, hidden] for queries ``hidden`` [1, q, hidden].
+
+    ``cache.update(c_kv, k_pe, layer)`` writes the queries' own latents into their slots and
+    returns the visible slots' ([1, 1, t, rank], [1, 1, t, rope_dim]); ``mask`` is the
+    additive [1, 1, q, t] mask (None: every query sees every visible slot)."""
+    _, q, _ = hidden.shape
+    heads, nope, rdim = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    vdim, rank = attn.v_head_dim, attn.kv_lora_rank
+    if attn.q_lora_rank is None:
+        qs = attn.q_proj(hidden)
+    else:
+        qs = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden)))
+    qs = qs.view(1, q, heads, nope + rdim).transpose(1, 2)
+    q_nope, q_pe = torch.split(qs, [nope, rdim], dim=-1)
+    c, k_pe = torch.split(attn.kv_a_proj_with_mqa(hidden), [rank, rdim], dim=-1)
+    c = attn.kv_a_layernorm(c).view(1, 1, q, rank)
+    q_pe, k_pe = rope(q_pe, k_pe.view(1, 1, q, rdim), position_embeddings)
+    c_all, pe_all = cache.update(c, k_pe, attn.layer_idx)
+    latent, rot = c_all[0, 0], pe_all[0, 0]  # [t, rank], [t, rope_dim]
+    t = latent.shape[0]
+
+    w = attn.kv_b_proj.weight.view(heads, nope + vdim, rank)
+    w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, rank], [H, v, rank]
+    q_lat = torch.bmm(q_nope[0], w_uk).reshape(heads * q, rank)
+    scores = _mm_f32(q_lat, latent.T) + _mm_f32(q_pe[0].reshape(heads * q, rdim), rot.T)
+    scores = scores.view(heads, q, t).mul_(attn.scaling)
+    if mask is not None:
+        scores.add_(mask[0, 0].float())
+    probs = scores.softmax(dim=-1).to(latent.dtype).view(heads * q, t)
+    o_lat = (probs @ latent).view(heads, q, rank)
+    out = torch.bmm(o_lat, w_uv.transpose(1, 2))  # [H, q, v]
+    return attn.o_proj(out.transpose(0, 1).reshape(1, q, heads * vdim))
