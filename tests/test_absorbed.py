@@ -69,6 +69,23 @@ def test_absorbed_attention_equals_the_librarys(kind, q_lora_rank):
     assert (loose - want).abs().max() > 1e-3
 
 
+def test_heads_in_groups_give_the_same_output(monkeypatch):
+    attn, rotary = _modules("v2", None)
+    n = 29
+    hidden = torch.randn(1, n, SMALL["hidden_size"])
+    pe = rotary(hidden, torch.arange(n)[None])
+    causal = torch.full((n, n), torch.finfo(torch.float32).min).triu(1)[None, None]
+    rope = absorbed.library_rope(attn)
+    with torch.no_grad():
+        whole = absorbed.absorbed_attention(attn, hidden, causal, _Visible(), pe, rope)
+        monkeypatch.setattr(absorbed, "SCORE_BYTES", n * n * 4)  # one head at a time
+        one = absorbed.absorbed_attention(attn, hidden, causal, _Visible(), pe, rope)
+        monkeypatch.setattr(absorbed, "SCORE_BYTES", 2 * n * n * 4)  # 2 + 1 heads
+        two = absorbed.absorbed_attention(attn, hidden, causal, _Visible(), pe, rope)
+    torch.testing.assert_close(one, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(two, whole, atol=1e-6, rtol=1e-6)
+
+
 def _prompts(seed=0):
     """A prompt and its edit (another header, the sections reordered), each with anchors at
     the header's end and the section starts, as the proxy would send them."""

@@ -55,6 +55,10 @@ def supports(attn: nn.Module) -> bool:
             and library_rope(attn) is not None)
 
 
+# Float32 scores held at once: heads are taken in groups under this many bytes (512 queries
+# over 32K slots for 16 heads would otherwise hold 1 GiB of scores).
+SCORE_BYTES = 256 << 20
+
 _OUT_DTYPE: dict[str, bool] = {}
 
 
@@ -97,12 +101,20 @@ def absorbed_attention(attn: nn.Module, hidden: torch.Tensor, mask: torch.Tensor
 
     w = attn.kv_b_proj.weight.view(heads, nope + vdim, rank)
     w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, rank], [H, v, rank]
-    q_lat = torch.bmm(q_nope[0], w_uk).reshape(heads * q, rank)
-    scores = _mm_f32(q_lat, latent.T) + _mm_f32(q_pe[0].reshape(heads * q, rdim), rot.T)
-    scores = scores.view(heads, q, t).mul_(attn.scaling)
-    if mask is not None:
-        scores.add_(mask[0, 0].float())
-    probs = scores.softmax(dim=-1).to(latent.dtype).view(heads * q, t)
-    o_lat = (probs @ latent).view(heads, q, rank)
+    q_lat = torch.bmm(q_nope[0], w_uk)  # [H, q, rank]
+    bias = None if mask is None else mask[0, 0].float()
+    # the float32 scores of a group of heads at a time, within SCORE_BYTES
+    step = max(1, SCORE_BYTES // (q * t * 4))
+    parts = []
+    for h0 in range(0, heads, step):
+        h1 = min(heads, h0 + step)
+        scores = (_mm_f32(q_lat[h0:h1].reshape(-1, rank), latent.T)
+                  + _mm_f32(q_pe[0, h0:h1].reshape(-1, rdim), rot.T))
+        scores = scores.view(h1 - h0, q, t).mul_(attn.scaling)
+        if bias is not None:
+            scores.add_(bias)
+        probs = scores.softmax(dim=-1).to(latent.dtype).view(-1, t)
+        parts.append((probs @ latent).view(h1 - h0, q, rank))
+    o_lat = parts[0] if len(parts) == 1 else torch.cat(parts)
     out = torch.bmm(o_lat, w_uv.transpose(1, 2))  # [H, q, v]
     return attn.o_proj(out.transpose(0, 1).reshape(1, q, heads * vdim))
