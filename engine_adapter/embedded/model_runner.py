@@ -112,15 +112,14 @@ class _Attention:
         self.runner, self.attn, self.inner = runner, attn, attn.forward
         self.rope = absorbed.library_rope(attn)
 
-    def __call__(self, hidden_states, attention_mask=None, past_key_values=None,
-                 position_embeddings=None, **kwargs):
-        if self.runner.absorbing:
-            return absorbed.absorbed_attention(self.attn, hidden_states, attention_mask,
-                                               past_key_values, position_embeddings,
-                                               self.rope), None
-        return self.inner(hidden_states, attention_mask=attention_mask,
-                          past_key_values=past_key_values,
-                          position_embeddings=position_embeddings, **kwargs)
+    def __call__(self, *args, **kwargs):
+        if not self.runner.absorbing:  # unchanged, whatever the library passes
+            return self.inner(*args, **kwargs)
+        # the decoder layers the runner drives pass these by name (V2 and V3 alike)
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return absorbed.absorbed_attention(
+            self.attn, hidden, kwargs.get("attention_mask"), kwargs.get("past_key_values"),
+            kwargs.get("position_embeddings"), self.rope), None
 
 
 def resolve_device(device: str) -> torch.device:
