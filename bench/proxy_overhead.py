@@ -47,25 +47,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_fake(port: int, irminsul: bool) -> None:
+def profiled(fn, path: str | None):
+    """Run fn() under cProfile when ``path`` is set, dumping the stats there when it returns
+    (the servers return on SIGTERM: aiohttp's run_app exits gracefully)."""
+    if path is None:
+        return fn()
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        return fn()
+    finally:
+        prof.disable()
+        prof.dump_stats(path)
+
+
+def run_fake(port: int, irminsul: bool, profile: str | None = None) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from aiohttp import web
     from support.fake_sglang import FakeSGLang
 
     fake = FakeSGLang(irminsul=irminsul)  # byte-level accounting: cheap, same for both paths
-    web.run_app(fake.app(), host="127.0.0.1", port=port, print=None, access_log=None,
-                handler_cancellation=True)
+    profiled(lambda: web.run_app(fake.app(), host="127.0.0.1", port=port, print=None,
+                                 access_log=None, handler_cancellation=True), profile)
 
 
-def run_proxy(port: int, upstream: int) -> None:
+def run_proxy(port: int, upstream: int, profile: str | None = None) -> None:
     import logging
 
     from irminsul.proxy.app import run_proxy as serve
     from irminsul.proxy.config import ProxyConfig
 
     logging.basicConfig(level=logging.WARNING)
-    serve(ProxyConfig(upstream=f"127.0.0.1:{upstream}", port=port, tokenizer=str(TINY),
-                      db=None))
+    profiled(lambda: serve(ProxyConfig(upstream=f"127.0.0.1:{upstream}", port=port,
+                                       tokenizer=str(TINY), db=None)), profile)
+
+
+def print_profile(path: Path, title: str, rows: int = 25) -> None:
+    """The functions with the most cumulative time in one server's profile."""
+    import pstats
+
+    print(f"\n# {title}: cProfile of the whole run (cold and warm turns, both metrics; "
+          f"cProfile inflates Python-heavy code), top {rows} by cumulative time")
+    stats = pstats.Stats(str(path))
+    stats.sort_stats("cumulative").print_stats(rows)
 
 
 def conversation(tok, seed: int, tokens: int) -> list[dict]:
@@ -185,6 +211,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--iters", type=int, default=30, help="requests per path and turn kind")
     ap.add_argument("--modes", default="stock,irminsul")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="run the proxy and the fake upstream under cProfile, write "
+                         "DIR/MODE-proxy.prof and DIR/MODE-fake.prof and print the top "
+                         "functions (the timings then include the profiler's overhead)")
     args = ap.parse_args()
     from irminsul.chunking.tokenizer import ModelTokenizer
 
@@ -205,8 +235,14 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     for m, mode in enumerate(modes):
         fport, pport = free_port(), free_port()
-        procs = [ctx.Process(target=run_fake, args=(fport, mode == "irminsul"), daemon=True),
-                 ctx.Process(target=run_proxy, args=(pport, fport), daemon=True)]
+        prof = {}
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            prof = {k: str(args.profile / f"{mode}-{k}.prof") for k in ("proxy", "fake")}
+        procs = [ctx.Process(target=run_fake, args=(fport, mode == "irminsul", prof.get("fake")),
+                             daemon=True),
+                 ctx.Process(target=run_proxy, args=(pport, fport, prof.get("proxy")),
+                             daemon=True)]
         procs[0].start()
         direct, proxy = f"http://127.0.0.1:{fport}", f"http://127.0.0.1:{pport}"
         asyncio.run(wait_ready(direct))
@@ -224,6 +260,8 @@ def main() -> None:
             for p in procs:
                 p.terminate()
                 p.join()
+        for k, path in prof.items():
+            print_profile(Path(path), f"{mode} mode, {k}")
 
 
 if __name__ == "__main__":
