@@ -8,11 +8,13 @@ import json
 import anthropic
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.proxy_harness import start_stack
 
 from irminsul.proxy.attribution import normalize_attribution, strip_attribution
 from irminsul.proxy.config import ProxyConfig, normalize_upstream
-from irminsul.proxy.reorder import reorder_body, stable_first
+from irminsul.proxy.reorder import VOLATILE_LINE, is_volatile, reorder_body, stable_first
 
 CLAUDE_LIKE = """You are an interactive CLI tool that helps users with software engineering tasks.
 
@@ -61,6 +63,35 @@ def test_stable_first_moves_volatile_lines_and_sections_last():
     assert stable_first(out.text).text == out.text  # already stable-first: unchanged
     text = "Plain instructions.\n\nNo dates here."
     assert stable_first(text) == (text, 0)
+
+
+# Pieces of lines: volatile ones of every pattern, near misses, words that share letters with
+# the keywords, punctuation the patterns read, and non-ASCII characters that IGNORECASE folds
+# to ASCII letters (long s, Kelvin sign, dotted capital I) or that \\d counts as digits.
+PIECES = ["2025-06-01", "12/31/2025", "3/4/25", "March 3, 2025", "3 march 2025", "sept. 9 2024",
+          "14:05", "2:05 pm", "9:30:12 UTC", "Today's date", "todays date", "current time",
+          "TIMESTAMP", "the time is", "now is", "Working directory:", "- cwd :", "pwd:",
+          "git status:", "Current Branch:", "token budget", "tokens left", "remaining tokens",
+          "context window remaining", "context left", "<budget>", "<total_tokens>",
+          "2025", "12", "7:", "/", ":", "-", "*", " ", "  ", "date", "time", "dates", "times",
+          "tokenizer", "contextual", "budgetary", "directory", "branching", "nowis", "now  is",
+          "may", "june", "mar", "sept", "Dec.", "st", "th", "am", "z", "ſ", "K", "İ", "٣",
+          "١٢:٣٠", "naïve", "word", "tools", "x"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=8), st.booleans())
+def test_is_volatile_answers_as_the_pattern(parts, spaced):
+    line = (" " if spaced else "").join(parts)
+    assert is_volatile(line) == (VOLATILE_LINE.search(line) is not None), line
+
+
+def test_is_volatile_on_known_lines():
+    for line in ("Today's date: 2025-06-01", "Working directory: /home/u", "at 14:05",
+                 "- git status: clean", "You have 12000 tokens left", "Updated March 3, 2025"):
+        assert is_volatile(line), line
+    for line in ("Be concise.", "Use 4 spaces", "the tokenizer splits text", "# Tools", ""):
+        assert not is_volatile(line), line
 
 
 def test_reorder_body_leaves_the_request_untouched():
