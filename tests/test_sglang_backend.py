@@ -327,6 +327,55 @@ def test_content_hit_is_placed_rotated_and_never_enters_the_tree(rope, docs):
     assert eng.alloc.available_size() == eng.total  # SGLang's eviction freed them too
 
 
+def test_a_rewritten_header_gets_its_hits_only_after_a_prewarm_request(rope, docs):
+    """The limit of one placed run per request, in the case agents hit most (DESIGN.md,
+    Holes): new tokens right after the exact prefix (a header rewritten every turn) leave the
+    hits behind them unplaced. The way out: the prompt up to the hits, sent first as its own
+    request (a pre-warm with max_new_tokens 0), enters the tree exactly; the real request's
+    exact prefix then reaches the hits, and their run is placed, δ-rotated to its new place."""
+    sys_, doc1, doc2, tail, hdr_a, q = docs
+    (hdr_b,) = _segments(11, (23,))  # 3 tokens longer: the documents move by 3
+    assert hdr_b[0] != hdr_a[0]
+    a_ids, a_anchors = _with_anchors(sys_, hdr_a, doc1, doc2, tail)
+    b_ids, b_anchors = _with_anchors(sys_, hdr_b, doc1, doc2, q)
+    head = len(sys_) + len(hdr_b)
+
+    alone = Engine(rope)
+    a = alone.request(a_ids, a_anchors)
+    alone.admit(a)
+    alone.prefill(a, seed=1)
+    alone.finish(a)
+    b = alone.request(b_ids, b_anchors)
+    assert alone.admit(b) == 0  # the header's new tokens come first: nothing placed
+    assert b.prefix_len == len(sys_)  # SGLang's exact prefix; the documents are computed
+    assert getattr(b, REQ_COUNTS_ATTR, None) is None
+
+    eng = Engine(rope)
+    a = eng.request(a_ids, a_anchors)
+    eng.admit(a)
+    a_row = eng.prefill(a, seed=1)
+    eng.finish(a)
+    warm = eng.request(b_ids[:head], b_anchors[:2])  # the pre-warm: up to the first hit
+    assert eng.admit(warm) == 0
+    eng.prefill(warm, seed=2)
+    eng.finish(warm)
+    assert eng.exact_match(b_ids) == head  # stored exactly: nothing in it was placed
+    b = eng.request(b_ids, b_anchors)
+    placed = eng.admit(b)
+    assert b.prefix_len - placed == head and placed == len(doc1) + len(doc2)
+    counts = getattr(b, REQ_COUNTS_ATTR)
+    assert (counts.exact_prefix_tokens, counts.reused_tokens) == (head, placed)
+    assert counts.recomputed_tokens == 0
+    b_row = eng.prefill(b, seed=3)
+    src = slice(len(sys_) + len(hdr_a), len(sys_) + len(hdr_a) + placed)  # the docs in A
+    got_ckv, got_kpe = eng.read(b_row[head : head + placed])
+    src_ckv, src_kpe = eng.read(a_row[src])
+    assert torch.equal(got_ckv, src_ckv)
+    shift = torch.arange(src.start, src.stop), torch.arange(head, head + placed)
+    spec = plugin.rope_spec_from_sglang(rope)
+    torch.testing.assert_close(got_kpe, delta_rotate(src_kpe, *shift, spec), rtol=0, atol=0)
+
+
 def test_bfloat16_pool_places_within_one_rounding(rope, docs):
     sys_, doc1, doc2, tail, _gap, q = docs
     eng = Engine(rope, dtype=torch.bfloat16)
