@@ -88,6 +88,15 @@ def _embedded_upstream(config: ProxyConfig):
 @click.option("--approx-trie/--no-approx-trie", default=True, show_default=True,
               help="Embedded engine only: keep each request's composed KV as an approximate "
                    "prefix-trie tail for the next turn (see `irminsul serve --approx-trie`).")
+@click.option("--prewarm", type=click.IntRange(0, 64), default=0, show_default=True,
+              metavar="N",
+              help="SGLang with --radix-cache-backend irminsul: before a chat/completions "
+                   "request, send up to N prefill-only /generate requests that end where a "
+                   "run of content seen before follows new tokens (a rewritten header), so "
+                   "the backend can place that run (it places one run per request). Costs a "
+                   "round trip each; usage and the savings log count only what was saved.")
+@click.option("--prewarm-min-tokens", type=click.IntRange(min=1), default=256,
+              show_default=True, help="Shortest run of seen content worth a pre-warm request.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, help="Log verbosity.")
 def proxy_command(log_level: str, **options) -> None:

@@ -60,6 +60,11 @@ class ProxyConfig:
     chunker: ChunkerConfig = field(default_factory=ChunkerConfig)  # stock mode; irminsul: engine's
     audit_rate: float = 0.0  # embedded engine only: share of reusing requests re-run with full
     approx_trie: bool = True  # embedded engine only: EngineConfig.approx_trie
+    # stock SGLang with the irminsul backend: at most this many prefill-only requests sent
+    # ahead of a request, each ending where a run of seen chunks of at least
+    # prewarm_min_tokens follows unseen tokens (proxy/prewarm.py); 0: none
+    prewarm: int = 0
+    prewarm_min_tokens: int = 256
 
     def __post_init__(self):
         if self.upstream is not None:
@@ -83,6 +88,10 @@ class ProxyConfig:
         r = self.audit_rate
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
             raise ValueError(f"audit_rate must be a number in [0, 1], got {r!r}")
+        for name, low in (("prewarm", 0), ("prewarm_min_tokens", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
         if not isinstance(self.approx_trie, bool):
             raise TypeError(f"approx_trie must be a bool, got {self.approx_trie!r}")
         if not isinstance(self.chunker, ChunkerConfig):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from irminsul.engine_adapter.contract import ReuseCounts
 from irminsul.proxy.flops import reuse_savings
 from irminsul.proxy.pipeline import Analysis
+from irminsul.proxy.prewarm import Prewarmed
 from irminsul.proxy.savings import RequestRow, counts_fields
 from irminsul.proxy.usage import UpstreamUsage
 
@@ -34,6 +35,7 @@ class Exchange:
     analysis: asyncio.Future[Analysis] | None = None
     start_analysis: Callable[[], asyncio.Future[Analysis]] | None = None  # deferred (stock)
     prompt: str | None = None  # for --log-prompts when no rendered text exists
+    prewarmed: Prewarmed | None = None  # pre-warm requests sent ahead of this one (--prewarm)
     done_s: float | None = None
 
     def first_content(self) -> None:

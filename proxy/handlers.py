@@ -19,7 +19,7 @@ import time
 from aiohttp import web
 
 from irminsul.engine_adapter.contract import ANNOTATION_KEY
-from irminsul.proxy import shapes
+from irminsul.proxy import prewarm, shapes
 from irminsul.proxy.attribution import normalize_attribution
 from irminsul.proxy.errors import TranslationError, error_response, upstream_error_message
 from irminsul.proxy.exchange import CLIENT_CLOSED, Exchange
@@ -151,6 +151,8 @@ async def _serve(request: web.Request, st: ProxyState, api: str, ex: Exchange):
                 # the rest (divergence, turn) only feeds the row: after the answer, like stock
                 ex.start_analysis = lambda: pipeline.submit_complete(
                     prep, source, session=ex.session, track_seen=False)
+        elif st.config.prewarm and native and api in ("chat", "completions"):
+            await _prewarm(request, st, ex, source, fwd, namespace)
         else:  # it only feeds the row: run it once the client has its answer
             ex.start_analysis = lambda: pipeline.submit(source, session=ex.session,
                                                         namespace=namespace)
@@ -162,6 +164,29 @@ async def _serve(request: web.Request, st: ProxyState, api: str, ex: Exchange):
         return await translated(request, st, api, ex, body, chat, annotation)
     except UpstreamFailure as e:
         raise fail(api, ex, e.status, e.message) from None
+
+
+async def _prewarm(request: web.Request, st: ProxyState, ex: Exchange, source, fwd: dict,
+                   namespace: str) -> None:
+    """--prewarm (stock SGLang with the irminsul backend): tokenize and chunk now, send the
+    pre-warm requests the seen chunks call for (proxy/prewarm.py), and leave the rest of the
+    analysis for after the answer, as stock mode does."""
+    pipeline = st.pipeline
+    prep = await analyze_quietly(pipeline.submit_prepare(source, session=ex.session,
+                                                         namespace=namespace))
+    if prep is None:
+        return
+    ex.start_analysis = lambda: pipeline.submit_complete(prep, source, session=ex.session)
+    seen = pipeline.seen.peek(prep.ids, prep.annotation.chunks)
+    ends = prewarm.cuts(prep.annotation.chunks, seen, limit=st.config.prewarm,
+                        min_tokens=st.config.prewarm_min_tokens)
+    if ends:
+        scope = dict(fwd)
+        tenant_key = tenant_extra_key(st.config.isolate_tenants, ex.tenant, fwd)
+        if tenant_key is not None:
+            scope["extra_key"] = tenant_key  # where _native will send the request itself
+        ex.prewarmed = await prewarm.prewarm(st.upstream, prep.ids, ends, scope,
+                                             request_headers(request.headers))
 
 
 def _usage_option(body: dict) -> dict | None:
@@ -217,7 +242,8 @@ async def _native(request, st: ProxyState, api: str, ex: Exchange, raw: bytes, b
             elif api == "responses":
                 handler = ResponsesEvents(ex, rewrite=rewrite)
             else:
-                handler = OpenAIEvents(api, ex, rewrite=rewrite, drop_usage_chunk=drop_usage)
+                handler = OpenAIEvents(api, ex, rewrite=rewrite, drop_usage_chunk=drop_usage,
+                                       prewarmed=ex.prewarmed)
             return await relay_sse(request, resp, ex, handler)
         return await _whole(resp, api, ex, rewrite)
 
@@ -244,6 +270,9 @@ async def _whole(resp, api: str, ex: Exchange, rewrite: bool) -> web.Response:
             payload, changed = {**payload, "meta_info": rewrite_generate(meta)}, True
     else:
         usage = payload.get("usage")
+        if ex.prewarmed is not None and isinstance(usage, dict):  # chat/completions only
+            usage, rewrite = ex.prewarmed.split(usage), True
+            payload, changed = {**payload, "usage": usage}, True
         read = read_anthropic if api == "messages" else read_openai
         ex.usage = read(usage)
         if rewrite and isinstance(usage, dict) and usage.get("irminsul") is not None:

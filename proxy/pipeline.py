@@ -83,6 +83,13 @@ class SeenChunks:
                     self._tokens -= len(gone)
         return tuple(hits)
 
+    def peek(self, ids: np.ndarray, chunks: tuple[ChunkRef, ...]) -> tuple[tuple[int, int], ...]:
+        """The spans ``observe`` would report as seen, changing nothing (no recency either)."""
+        with self._lock:
+            return tuple((c.start, c.end) for c in chunks
+                         if (old := self._chunks.get(c.key)) is not None
+                         and np.array_equal(old, ids[c.start : c.end]))
+
     def __len__(self) -> int:
         return len(self._chunks)
 

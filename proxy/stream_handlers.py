@@ -12,6 +12,7 @@ import json
 from irminsul.proxy.errors import anthropic_error_body, openai_error_body, upstream_error_message
 from irminsul.proxy.exchange import Exchange
 from irminsul.proxy.first_token import chunk_shows_token
+from irminsul.proxy.prewarm import Prewarmed
 from irminsul.proxy.sse import DONE, SSEEvent, encode_done, encode_event, encode_named
 from irminsul.proxy.streams import StreamBroken, loads
 from irminsul.proxy.translation import TokenCounts
@@ -34,9 +35,11 @@ class OpenAIEvents:
     added stream_options.include_usage itself, so the usage-only chunk is not the client's.
     """
 
-    def __init__(self, api: str, ex: Exchange, *, rewrite: bool, drop_usage_chunk: bool):
+    def __init__(self, api: str, ex: Exchange, *, rewrite: bool, drop_usage_chunk: bool,
+                 prewarmed: Prewarmed | None = None):
         self.api, self.ex = api, ex
-        self.rewrite, self.drop_usage_chunk = rewrite, drop_usage_chunk
+        self.rewrite, self.drop_usage_chunk = rewrite or prewarmed is not None, drop_usage_chunk
+        self.prewarmed = prewarmed  # --prewarm: the usage gets the request's honest split
         self.done = self.errored = False
 
     def event(self, ev: SSEEvent) -> bytes:
@@ -59,6 +62,10 @@ class OpenAIEvents:
             return self._generate(payload, ev)
         usage = payload.get("usage")
         if isinstance(usage, dict):
+            if self.prewarmed is not None:
+                usage = self.prewarmed.split(usage)
+                payload = {**payload, "usage": usage}
+                data = json.dumps(payload)
             ex.usage = merge(ex.usage, read_openai(usage))
             if self.drop_usage_chunk and not payload.get("choices"):
                 return b""

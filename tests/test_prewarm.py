@@ -1,0 +1,127 @@
+"""--prewarm (proxy/prewarm.py): where pre-warm requests end, the request's honest split, and
+the whole path through a real proxy in front of the SGLang-shaped test server: the pre-warm
+/generate request with the prompt's token IDs up to the seen run, then the request itself,
+whose usage (to the client and in the savings log) does not count the pre-warmed head as
+saved."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+
+import aiohttp
+import pytest
+from support.fake_sglang import FakeSGLang
+from support.proxy_harness import read_rows, start_stack, tiny_tokenizer
+
+from irminsul.engine_adapter.contract import ChunkRef
+from irminsul.proxy import trace_content
+from irminsul.proxy.prewarm import Prewarmed, Warmed, cuts
+
+
+def _chunks(*bounds):
+    return tuple(ChunkRef(f"k{a}", a, b) for a, b in itertools.pairwise(bounds))
+
+
+def test_cuts_end_where_a_long_seen_run_follows_unseen_tokens():
+    chunks = _chunks(0, 10, 20, 300, 600, 610, 900, 1200)
+    seen = [(0, 10), (20, 300), (300, 600), (610, 900), (900, 1200)]
+    # the leading run is the exact prefix's business; (10, 20) and (600, 610) are new
+    assert cuts(chunks, seen, limit=4, min_tokens=256) == (20, 610)
+    assert cuts(chunks, seen, limit=1, min_tokens=256) == (20,)
+    assert cuts(chunks, seen, limit=0, min_tokens=256) == ()
+    assert cuts(chunks, seen, limit=4, min_tokens=581) == (610,)  # 20..600 is 580 long
+    assert cuts(chunks, [], limit=4, min_tokens=1) == ()
+    assert cuts(chunks, [(c.start, c.end) for c in chunks], limit=4, min_tokens=1) == ()
+
+
+def test_split_counts_every_computed_token_as_new():
+    usage = {"prompt_tokens": 1000, "completion_tokens": 3,
+             "prompt_tokens_details": {"cached_tokens": 120}}
+    # the pre-warm of 120 tokens found 40 in cache and computed 80; the request then found
+    # its 120 "cached": of those, only the 40 were saved
+    got = Prewarmed([Warmed(120, 40)]).split(usage)["irminsul"]
+    assert (got["exact_prefix_tokens"], got["reused_tokens"], got["new_tokens"]) == (40, 0, 960)
+    # a pre-warm that placed 50 tokens (the backend's meta_info) computed 30 of its 120
+    got = Prewarmed([Warmed(120, 40, 50)]).split(usage)["irminsul"]
+    assert (got["exact_prefix_tokens"], got["reused_tokens"], got["new_tokens"]) == (40, 50, 910)
+    # two pre-warms; the request's own cached part is the last one's prompt
+    usage2 = {**usage, "prompt_tokens_details": {"cached_tokens": 400}}
+    got = Prewarmed([Warmed(120, 40, 50), Warmed(400, 119, 200)]).split(usage2)["irminsul"]
+    assert got["new_tokens"] == 30 + 81 + 600 and got["reused_tokens"] == 960 - 711
+    assert sum(got[k] for k in ("exact_prefix_tokens", "reused_tokens", "recomputed_tokens",
+                                "new_tokens")) == 1000
+    # nothing to go on: usage unchanged
+    assert "irminsul" not in Prewarmed().split(usage)
+    assert "irminsul" not in Prewarmed([Warmed(120, 40)]).split({"prompt_tokens": 1000})
+
+
+def _conversation(header: str, question: str) -> list[dict]:
+    rng = random.Random(5)
+    return [{"role": "system", "content": "You answer from the documents. "
+             + trace_content.prose(rng, 60)},
+            {"role": "user", "content": header},
+            {"role": "user", "content": "# Notes\n\n" + trace_content.prose(rng, 500)},
+            {"role": "user", "content": "# More notes\n\n" + trace_content.prose(rng, 500)},
+            {"role": "user", "content": question}]
+
+
+async def _wait_seen(stack, at_least: int) -> None:
+    for _ in range(500):
+        if len(stack.state.pipeline.seen) >= at_least:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the proxy never analysed the first request")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_prewarm_through_the_proxy(aiohttp_server, tmp_path, stream):
+    tok = tiny_tokenizer()
+    fake = FakeSGLang(tokenizer=tok)  # plain SGLang's accounting: the exact prefix only
+    db = tmp_path / "rows.db"
+    stack = await start_stack(aiohttp_server, fake=fake, tokenizer=tok, db=str(db), prewarm=2,
+                              isolate_tenants=True)
+    first = _conversation("Current time: 2025-01-01 10:00. Working directory: /srv/a", "Sum up.")
+    second = _conversation("Current time: 2025-01-02 11:30. Working directory: /srv/b", "Why?")
+    headers = {"Authorization": "Bearer key-1"}
+    async with aiohttp.ClientSession() as http:
+        url = stack.base + "/v1/chat/completions"
+        async with http.post(url, json={"model": "m", "messages": first, "max_tokens": 2},
+                             headers=headers) as r:
+            assert r.status == 200
+        await _wait_seen(stack, 3)
+        assert len(fake.received) == 1  # nothing seen before the first request: no pre-warm
+        body = {"model": "m", "messages": second, "max_tokens": 2, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        async with http.post(url, json=body, headers=headers) as r:
+            assert r.status == 200
+            if stream:
+                usage = [json.loads(line[6:]) for line in (await r.text()).splitlines()
+                         if line.startswith("data: {") and '"usage"' in line][-1]["usage"]
+            else:
+                usage = (await r.json())["usage"]
+    await stack.close()
+
+    prompt = tok.encode_chat(second)
+    ids, doc_start = list(prompt.ids), prompt.message_starts[2]
+    warm, main = fake.received[1], fake.received[2]
+    assert warm.path == "/generate" and main.path == "/v1/chat/completions"
+    assert warm.body["input_ids"] == ids[:doc_start]  # up to the run of seen documents
+    assert warm.body["sampling_params"] == {"max_new_tokens": 0}
+    assert warm.body["extra_key"] == main.body["extra_key"]  # the tenant's partition
+    assert warm.body["extra_key"].startswith("irminsul-tenant:")
+    # the first request's exact prefix ends in the header: that, and only that, was saved
+    exact = next(i for i, (a, b) in enumerate(zip(fake.history[0], ids)) if a != b)
+    assert 0 < exact < doc_start
+    assert usage["prompt_tokens"] == len(ids)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == exact  # not doc_start
+    split = usage["irminsul"]
+    assert (split["exact_prefix_tokens"], split["reused_tokens"]) == (exact, 0)
+    assert split["new_tokens"] == len(ids) - exact
+    rows = read_rows(db)
+    assert len(rows) == 2
+    assert (rows[1]["exact_prefix_tokens"], rows[1]["reused_tokens"], rows[1]["new_tokens"]) == (
+        exact, 0, len(ids) - exact)
