@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from irminsul.engine_adapter.contract import ChunkRef, ReuseCounts
 from irminsul.proxy.forward import upstream_call
-from irminsul.proxy.usage import _counts, _int
+from irminsul.proxy.usage import reuse_counts, token_count
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,9 @@ class Prewarmed:
         """OpenAI ``usage`` of the real request with the request's honest split added as
         ``usage["irminsul"]`` (see the module docstring); unchanged when it lacks the counts
         needed or no pre-warm was answered."""
-        prompt = _int(usage.get("prompt_tokens"))
+        prompt = token_count(usage.get("prompt_tokens"))
         details = usage.get("prompt_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, Mapping) else None
+        cached = token_count(details.get("cached_tokens")) if isinstance(details, Mapping) else None
         if not self.done or prompt is None or cached is None or cached > prompt:
             return dict(usage)
         exact = min(self.done[0].cached_tokens, prompt)
@@ -104,11 +104,14 @@ def _read(payload) -> Warmed | None:
     meta = payload.get("meta_info") if isinstance(payload, Mapping) else None
     if not isinstance(meta, Mapping):
         return None
-    prompt, cached = _int(meta.get("prompt_tokens")), _int(meta.get("cached_tokens"))
+    prompt, cached = token_count(meta.get("prompt_tokens")), token_count(meta.get("cached_tokens"))
     if prompt is None or cached is None or cached > prompt:
         return None
+    # SGLang's backend reports its split in cached_tokens_details (its only open slot); an
+    # engine speaking the wire contract itself (irminsul serve) puts it in meta_info
     details = meta.get("cached_tokens_details")
-    counts = _counts(details.get("irminsul")) if isinstance(details, Mapping) else None
+    counts = reuse_counts(details.get("irminsul")) if isinstance(details, Mapping) else None
+    counts = counts or reuse_counts(meta.get("irminsul"))
     reused = counts.reused_tokens if counts is not None else 0
     return Warmed(prompt, cached, min(reused, prompt - cached))
 

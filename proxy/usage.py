@@ -26,11 +26,13 @@ class UpstreamUsage(NamedTuple):
     counts: ReuseCounts | None = None  # irminsul split, when the upstream sent one
 
 
-def _int(v: Any) -> int | None:
+def token_count(v: Any) -> int | None:
+    """``v`` if it is a token count (an int >= 0, not a bool), else None."""
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
-def _counts(d: Any) -> ReuseCounts | None:
+def reuse_counts(d: Any) -> ReuseCounts | None:
+    """An engine's irminsul split (ReuseCounts) from its JSON, or None if it is not one."""
     if not isinstance(d, Mapping):
         return None
     try:
@@ -47,13 +49,13 @@ def read_openai(usage: Any) -> UpstreamUsage | None:
     cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
     completion = usage.get("completion_tokens", usage.get("output_tokens"))
-    return UpstreamUsage(_int(prompt), _int(completion), _int(cached),
-                         _counts(usage.get("irminsul")))
+    return UpstreamUsage(token_count(prompt), token_count(completion), token_count(cached),
+                         reuse_counts(usage.get("irminsul")))
 
 
 def rewrite_openai(usage: dict, *, details_key: str = "prompt_tokens_details") -> dict:
     """``usage`` with cached_tokens = saved tokens, when it carries an irminsul split."""
-    counts = _counts(usage.get("irminsul"))
+    counts = reuse_counts(usage.get("irminsul"))
     if counts is None:
         return usage
     details = usage.get(details_key)
@@ -65,12 +67,12 @@ def rewrite_openai(usage: dict, *, details_key: str = "prompt_tokens_details") -
 def read_generate(meta: Any) -> UpstreamUsage | None:
     if not isinstance(meta, Mapping):
         return None
-    return UpstreamUsage(_int(meta.get("prompt_tokens")), _int(meta.get("completion_tokens")),
-                         _int(meta.get("cached_tokens")), _counts(meta.get("irminsul")))
+    return UpstreamUsage(token_count(meta.get("prompt_tokens")), token_count(meta.get("completion_tokens")),
+                         token_count(meta.get("cached_tokens")), reuse_counts(meta.get("irminsul")))
 
 
 def rewrite_generate(meta: dict) -> dict:
-    counts = _counts(meta.get("irminsul"))
+    counts = reuse_counts(meta.get("irminsul"))
     return meta if counts is None else {**meta, "cached_tokens": counts.saved_tokens}
 
 
@@ -78,19 +80,19 @@ def read_anthropic(usage: Any) -> UpstreamUsage | None:
     """Anthropic usage: prompt = input + cache reads + cache writes."""
     if not isinstance(usage, Mapping):
         return None
-    counts = _counts(usage.get("irminsul"))
-    inp = _int(usage.get("input_tokens"))
-    read = _int(usage.get("cache_read_input_tokens"))
-    write = _int(usage.get("cache_creation_input_tokens")) or 0
+    counts = reuse_counts(usage.get("irminsul"))
+    inp = token_count(usage.get("input_tokens"))
+    read = token_count(usage.get("cache_read_input_tokens"))
+    write = token_count(usage.get("cache_creation_input_tokens")) or 0
     prompt = None if inp is None else inp + (read or 0) + write
     if counts is not None:
         prompt = counts.prompt_tokens
         read = counts.exact_prefix_tokens  # what the engine's own cached count means
-    return UpstreamUsage(prompt, _int(usage.get("output_tokens")), read, counts)
+    return UpstreamUsage(prompt, token_count(usage.get("output_tokens")), read, counts)
 
 
 def rewrite_anthropic(usage: dict) -> dict:
-    counts = _counts(usage.get("irminsul"))
+    counts = reuse_counts(usage.get("irminsul"))
     if counts is None:
         return usage
     out = {**usage, "cache_read_input_tokens": counts.saved_tokens}

@@ -18,7 +18,7 @@ from support.proxy_harness import read_rows, start_stack, tiny_tokenizer
 
 from irminsul.engine_adapter.contract import ChunkRef
 from irminsul.proxy import trace_content
-from irminsul.proxy.prewarm import Prewarmed, Warmed, cuts
+from irminsul.proxy.prewarm import Prewarmed, Warmed, _read, cuts
 
 
 def _chunks(*bounds):
@@ -56,6 +56,20 @@ def test_split_counts_every_computed_token_as_new():
     # nothing to go on: usage unchanged
     assert "irminsul" not in Prewarmed().split(usage)
     assert "irminsul" not in Prewarmed([Warmed(120, 40)]).split({"prompt_tokens": 1000})
+
+
+def test_a_prewarm_answer_is_read_from_either_place_of_the_split():
+    split = {"prompt_tokens": 120, "exact_prefix_tokens": 40, "reused_tokens": 50,
+             "new_tokens": 30}
+    plain = {"meta_info": {"prompt_tokens": 120, "cached_tokens": 40}}
+    assert _read(plain) == Warmed(120, 40, 0)  # plain SGLang: nothing placed
+    backend = {"meta_info": {**plain["meta_info"], "cached_tokens_details": {"irminsul": split}}}
+    assert _read(backend) == Warmed(120, 40, 50)  # SGLang with the irminsul backend
+    engine = {"meta_info": {**plain["meta_info"], "irminsul": split}}
+    assert _read(engine) == Warmed(120, 40, 50)  # an engine speaking the wire contract
+    for bad in ({}, {"meta_info": {"prompt_tokens": 10, "cached_tokens": 11}}, [],
+                {"meta_info": {"prompt_tokens": 10}}):
+        assert _read(bad) is None
 
 
 def _conversation(header: str, question: str) -> list[dict]:
