@@ -172,14 +172,13 @@ async def _prewarm(request: web.Request, st: ProxyState, ex: Exchange, source, f
     pre-warm requests the seen chunks call for (proxy/prewarm.py), and leave the rest of the
     analysis for after the answer, as stock mode does."""
     pipeline = st.pipeline
-    prep = await analyze_quietly(pipeline.submit_prepare(source, session=ex.session,
-                                                         namespace=namespace))
-    if prep is None:
+    planned = await analyze_quietly(pipeline.submit_prewarm(
+        source, session=ex.session, namespace=namespace, limit=st.config.prewarm,
+        min_tokens=st.config.prewarm_min_tokens))
+    if planned is None:
         return
+    prep, ends = planned
     ex.start_analysis = lambda: pipeline.submit_complete(prep, source, session=ex.session)
-    seen = pipeline.seen.peek(prep.ids, prep.annotation.chunks)
-    ends = prewarm.cuts(prep.annotation.chunks, seen, limit=st.config.prewarm,
-                        min_tokens=st.config.prewarm_min_tokens)
     if ends:
         scope = dict(fwd)
         tenant_key = tenant_extra_key(st.config.isolate_tenants, ex.tenant, fwd)

@@ -21,6 +21,7 @@ from irminsul.chunking.keys import Chunker
 from irminsul.chunking.reuse import ReusingChunker
 from irminsul.engine_adapter.contract import Annotation, ChunkRef, seq_hash
 from irminsul.proxy.divergence import Divergence, PromptView, SessionTracker
+from irminsul.proxy.prewarm import cuts as prewarm_cuts
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,6 @@ class SeenChunks:
                     self._tokens -= len(gone)
         return tuple(hits)
 
-    def peek(self, ids: np.ndarray, chunks: tuple[ChunkRef, ...]) -> tuple[tuple[int, int], ...]:
-        """The spans ``observe`` would report as seen, changing nothing (no recency either)."""
-        with self._lock:
-            return tuple((c.start, c.end) for c in chunks
-                         if (old := self._chunks.get(c.key)) is not None
-                         and np.array_equal(old, ids[c.start : c.end]))
-
     def __len__(self) -> int:
         return len(self._chunks)
 
@@ -109,6 +103,7 @@ class Pipeline:
         self._turns: OrderedDict[str, int] = OrderedDict()
         self._max_sessions = max_sessions
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="irminsul-pipeline")
+        self.bare_seen: SeenChunks | None = None  # --prewarm: chunks cut without anchors
 
     def tokenize(self, source: PromptSource):
         """A Prompt (ids, anchors, message_starts, text) for ``source``."""
@@ -134,6 +129,20 @@ class Pipeline:
                                 anchors=anchors, namespace=namespace,
                                 model_fingerprint=self.model_fingerprint, session=session)
         return Prepared(prompt, ids, annotation, time.perf_counter() - t0)
+
+    def prewarm_ends(self, prep: Prepared, *, limit: int, min_tokens: int) -> tuple[int, ...]:
+        """Where --prewarm requests end (proxy/prewarm.py cuts). The prompt is chunked as
+        SGLang's irminsul backend chunks a chat request, over its token IDs alone (no anchors
+        reach it through the OpenAI endpoints), against the chunks so cut of earlier prompts,
+        so that a cut is where the backend's own next chunk is a hit. Remembers this prompt's
+        chunks. Blocking."""
+        if self.bare_seen is None:
+            self.bare_seen = SeenChunks(self.seen.max_tokens)
+        ann = prep.annotation
+        chunks = self.chunker.split(prep.ids, namespace=ann.namespace,
+                                    model_fingerprint=self.model_fingerprint)
+        return prewarm_cuts(chunks, self.bare_seen.observe(prep.ids, chunks), limit=limit,
+                            min_tokens=min_tokens)
 
     def complete(self, prep: Prepared, source: PromptSource, *, session: str,
                  track_seen: bool = True) -> Analysis:
@@ -175,6 +184,15 @@ class Pipeline:
                        ) -> asyncio.Future[Prepared]:
         """prepare() on the worker thread: the annotation, for irminsul mode."""
         return self._run(lambda: self.prepare(source, session=session, namespace=namespace))
+
+    def submit_prewarm(self, source: PromptSource, *, session: str, namespace: str,
+                       limit: int, min_tokens: int
+                       ) -> asyncio.Future[tuple[Prepared, tuple[int, ...]]]:
+        """prepare() and prewarm_ends() on the worker thread."""
+        def run():
+            prep = self.prepare(source, session=session, namespace=namespace)
+            return prep, self.prewarm_ends(prep, limit=limit, min_tokens=min_tokens)
+        return self._run(run)
 
     def submit_complete(self, prep: Prepared, source: PromptSource, *, session: str,
                         track_seen: bool = True) -> asyncio.Future[Analysis]:

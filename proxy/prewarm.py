@@ -10,8 +10,12 @@ tokens as its own prefill-only request (``/generate``, the token IDs it tokenize
 composed prefix) reaches the run, and the backend places it. Verified at the cache level
 against SGLang's real classes (tests/test_sglang_backend.py, the pre-warm test).
 
-The runs are the proxy's guess, from its own chunking and the chunks it has seen; a wrong
-guess costs one extra prefill pass, never a wrong token (the backend compares token IDs).
+The runs are the proxy's guess: it chunks each prompt as the backend chunks a chat request,
+over the token IDs alone (no anchors reach the backend through the OpenAI endpoints), and a
+cut is the start of such a chunk that repeats an earlier prompt's, after one that does not
+(Pipeline.prewarm_ends; tests/test_sglang_backend.py runs that choice against the backend).
+A wrong guess costs one extra prefill pass, never a wrong token (the backend compares token
+IDs).
 
 Accounting. SGLang reports the pre-warmed head as the real request's ``cached_tokens``,
 though it was computed a moment before for this very request. So the request's split is

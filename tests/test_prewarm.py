@@ -16,6 +16,8 @@ import pytest
 from support.fake_sglang import FakeSGLang
 from support.proxy_harness import read_rows, start_stack, tiny_tokenizer
 
+from irminsul.chunking.config import ChunkerConfig
+from irminsul.chunking.keys import Chunker
 from irminsul.engine_adapter.contract import ChunkRef
 from irminsul.proxy import trace_content
 from irminsul.proxy.prewarm import Prewarmed, Warmed, _read, cuts
@@ -123,13 +125,21 @@ async def test_prewarm_through_the_proxy(aiohttp_server, tmp_path, stream):
     ids, doc_start = list(prompt.ids), prompt.message_starts[2]
     warm, main = fake.received[1], fake.received[2]
     assert warm.path == "/generate" and main.path == "/v1/chat/completions"
-    assert warm.body["input_ids"] == ids[:doc_start]  # up to the run of seen documents
+    # the pre-warm ends where the backend's own next chunk (cut over token IDs alone, as a
+    # chat request reaches it) repeats one of the first prompt's: just inside the documents
+    cut = len(warm.body["input_ids"])
+    assert warm.body["input_ids"] == ids[:cut]
+    chunker = Chunker(ChunkerConfig())
+    bare_a = {tuple(fake.history[0][c.start:c.end]) for c in chunker.split(fake.history[0])}
+    bare_b = {c.start: tuple(ids[c.start:c.end]) for c in chunker.split(ids)}
+    assert doc_start <= cut < doc_start + 2 * ChunkerConfig().max_tokens
+    assert bare_b[cut] in bare_a
     assert warm.body["sampling_params"] == {"max_new_tokens": 0}
     assert warm.body["extra_key"] == main.body["extra_key"]  # the tenant's partition
     assert warm.body["extra_key"].startswith("irminsul-tenant:")
     # the first request's exact prefix ends in the header: that, and only that, was saved
     exact = next(i for i, (a, b) in enumerate(zip(fake.history[0], ids)) if a != b)
-    assert 0 < exact < doc_start
+    assert 0 < exact < doc_start <= cut
     assert usage["prompt_tokens"] == len(ids)
     assert usage["prompt_tokens_details"]["cached_tokens"] == exact  # not doc_start
     split = usage["irminsul"]

@@ -163,10 +163,10 @@ class Engine:
                                  token_to_kv_pool_allocator=self.alloc, page_size=page_size,
                                  tree_components=(ComponentType.FULL,))
         self.cache = IrminsulRadixCache(params)
-        config = SGLangReuseConfig(policy=policy, pic_k=0,
-                                   chunker=ChunkerConfig(min_tokens=16, avg_tokens=32,
-                                                         max_tokens=64))
-        self.cache.attach(config, plugin.rope_spec_from_sglang(rope), self.pool)
+        self.config = SGLangReuseConfig(policy=policy, pic_k=0,
+                                        chunker=ChunkerConfig(min_tokens=16, avg_tokens=32,
+                                                              max_tokens=64))
+        self.cache.attach(self.config, plugin.rope_spec_from_sglang(rope), self.pool)
         self.raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # rid -> (c_kv, raw k)
         self.n = 0
         self.total = self.alloc.available_size()
@@ -374,6 +374,42 @@ def test_a_rewritten_header_gets_its_hits_only_after_a_prewarm_request(rope, doc
     shift = torch.arange(src.start, src.stop), torch.arange(head, head + placed)
     spec = plugin.rope_spec_from_sglang(rope)
     torch.testing.assert_close(got_kpe, delta_rotate(src_kpe, *shift, spec), rtol=0, atol=0)
+
+
+def test_the_proxys_prewarm_cut_is_where_the_backend_places_a_run(rope, docs):
+    """The proxy's --prewarm end point (proxy/pipeline.py prewarm_ends: the prompt chunked
+    over its token IDs alone, as a chat request reaches the backend, against the earlier
+    prompts chunked so), run against the backend with no anchors: the pre-warm up to that
+    point, then the request, whose run of hits starts right after its exact prefix."""
+    from irminsul.chunking.keys import Chunker
+    from irminsul.proxy.pipeline import SeenChunks
+    from irminsul.proxy.prewarm import cuts
+
+    sys_, doc1, doc2, tail, hdr_a, q = docs
+    (hdr_b,) = _segments(11, (23,))
+    a_ids, b_ids = sys_ + hdr_a + doc1 + doc2 + tail, sys_ + hdr_b + doc1 + doc2 + q
+    eng = Engine(rope)
+    a = eng.request(a_ids)  # no anchors: what the chat endpoints hand the backend
+    eng.admit(a)
+    eng.prefill(a, seed=1)
+    eng.finish(a)
+    chunker = Chunker(eng.config.chunker)  # the backend's (both default to ChunkerConfig())
+    seen = SeenChunks(1 << 20)
+    seen.observe(np.asarray(a_ids), chunker.split(a_ids))
+    b_chunks = chunker.split(b_ids)
+    (cut,) = cuts(b_chunks, seen.observe(np.asarray(b_ids), b_chunks), limit=2, min_tokens=64)
+    docs_at = len(sys_) + len(hdr_b)
+    assert docs_at <= cut < docs_at + len(doc1)
+    warm = eng.request(b_ids[:cut])
+    eng.admit(warm)
+    eng.prefill(warm, seed=2)
+    eng.finish(warm)
+    b = eng.request(b_ids)
+    placed = eng.admit(b)
+    assert b.prefix_len - placed == cut  # the pre-warm is b's exact prefix now
+    assert placed >= docs_at + len(doc1) + len(doc2) - cut - 64  # the documents' chunks
+    counts = getattr(b, REQ_COUNTS_ATTR)
+    assert (counts.exact_prefix_tokens, counts.reused_tokens) == (cut, placed)
 
 
 def test_bfloat16_pool_places_within_one_rounding(rope, docs):
