@@ -4,6 +4,7 @@ Usage, on an H100 (the corpus made once by ``train_data.py prepare``):
     python examples/models/train_model.py --out DIR --minutes 8
 and on a CPU, to check the script end to end in a minute:
     python examples/models/train_model.py --out /tmp/m --smoke
+Add ``--profile-steps 20`` to log where a training step's time goes (torch.profiler).
 
 The model is transformers' own DeepseekV2ForCausalLM with the ``irminsul-mla`` preset
 (presets.py), so the checkpoint loads wherever DeepSeek-V2 does; the aux model is the
@@ -114,6 +115,39 @@ class Batches:
         return ids[:, :-1], ids[:, 1:], w[:, 1:]
 
 
+class Profiling:
+    """--profile-steps: ``steps`` training steps after ``after`` warm-up ones under
+    torch.profiler (CPU, and CUDA on a GPU); the operator table, sorted by device time on a
+    GPU, goes to the log. The steps still train; the profiler slows them a little."""
+
+    def __init__(self, steps: int, after: int, device):
+        self.steps, self.start, self.device = steps, after, device
+        self.prof = None
+
+    def before(self, step: int) -> None:
+        if self.steps > 0 and self.prof is None and step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = self.device.type == "cuda"
+            self.prof = profile(activities=[ProfilerActivity.CPU]
+                                + ([ProfilerActivity.CUDA] if cuda else []))
+            self.t0 = time.perf_counter()
+            self.prof.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.prof is None or self.steps <= 0 or step < self.start + self.steps:
+            return
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        spent = time.perf_counter() - self.t0
+        key = "cuda_time_total" if cuda else "cpu_time_total"
+        log(f"profile of steps {self.start + 1}-{step} ({spent:.2f} s under the profiler), "
+            f"by {key}:\n" + self.prof.key_averages().table(sort_by=key, row_limit=25))
+        self.steps = 0  # once
+
+
 def weighted_loss(model, x, y, w) -> torch.Tensor:
     logits = model(input_ids=x).logits
     ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
@@ -198,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=0.04, help="share of time warming up")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                    help="run N steps (after 20 warm-up steps; 2 in --smoke) under "
+                         "torch.profiler and log its operator table: where a step's time goes")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole script")
     a = ap.parse_args(argv)
     if a.smoke:
@@ -238,7 +275,9 @@ def main(argv=None) -> int:
     budget = a.minutes * 60
     t_train = time.perf_counter()
     step, tokens, history = 0, 0, []
+    profiling = Profiling(a.profile_steps, 2 if a.smoke else 20, device)
     while True:
+        profiling.before(step)
         progress = (time.perf_counter() - t_train) / budget
         if progress >= 1:
             break
@@ -259,6 +298,7 @@ def main(argv=None) -> int:
                 main_loss = loss
         step += 1
         tokens += x.numel()
+        profiling.after(step)
         if step % 50 == 0 or step == 1:
             ml = float(main_loss.detach())
             history.append((step, round(progress, 4), ml))
