@@ -93,8 +93,10 @@ def _embedded_upstream(config: ProxyConfig):
               help="SGLang with --radix-cache-backend irminsul: before a chat/completions "
                    "request, send up to N prefill-only /generate requests that end where a "
                    "run of content seen before follows new tokens (a rewritten header), so "
-                   "the backend can place that run (it places one run per request). Costs a "
-                   "round trip each; usage and the savings log count only what was saved.")
+                   "the backend can place that run (it places one run per request). The "
+                   "proxy then tokenizes before forwarding (as in irminsul mode), and each "
+                   "pre-warm costs a round trip; usage and the savings log count only what "
+                   "was saved.")
 @click.option("--prewarm-min-tokens", type=click.IntRange(min=1), default=256,
               show_default=True, help="Shortest run of seen content worth a pre-warm request.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
