@@ -99,6 +99,9 @@ def _embedded_upstream(config: ProxyConfig):
                    "was saved.")
 @click.option("--prewarm-min-tokens", type=click.IntRange(min=1), default=256,
               show_default=True, help="Shortest run of seen content worth a pre-warm request.")
+@click.option("--prewarm-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Tokens at the start of each such run the pre-warm computes too, in their "
+                   "new left context (pic's carve-out; the backend places the rest).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, help="Log verbosity.")
 def proxy_command(log_level: str, **options) -> None:

@@ -65,6 +65,7 @@ class ProxyConfig:
     # prewarm_min_tokens follows unseen tokens (proxy/prewarm.py); 0: none
     prewarm: int = 0
     prewarm_min_tokens: int = 256
+    prewarm_k: int = 0  # tokens of each run the pre-warm computes too (pic's carve-out)
 
     def __post_init__(self):
         if self.upstream is not None:
@@ -88,7 +89,7 @@ class ProxyConfig:
         r = self.audit_rate
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
             raise ValueError(f"audit_rate must be a number in [0, 1], got {r!r}")
-        for name, low in (("prewarm", 0), ("prewarm_min_tokens", 1)):
+        for name, low in (("prewarm", 0), ("prewarm_min_tokens", 1), ("prewarm_k", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")

@@ -174,7 +174,7 @@ async def _prewarm(request: web.Request, st: ProxyState, ex: Exchange, source, f
     pipeline = st.pipeline
     planned = await analyze_quietly(pipeline.submit_prewarm(
         source, session=ex.session, namespace=namespace, limit=st.config.prewarm,
-        min_tokens=st.config.prewarm_min_tokens))
+        min_tokens=st.config.prewarm_min_tokens, k=st.config.prewarm_k))
     if planned is None:
         return
     prep, ends = planned

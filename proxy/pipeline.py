@@ -130,7 +130,8 @@ class Pipeline:
                                 model_fingerprint=self.model_fingerprint, session=session)
         return Prepared(prompt, ids, annotation, time.perf_counter() - t0)
 
-    def prewarm_ends(self, prep: Prepared, *, limit: int, min_tokens: int) -> tuple[int, ...]:
+    def prewarm_ends(self, prep: Prepared, *, limit: int, min_tokens: int, k: int = 0
+                     ) -> tuple[int, ...]:
         """Where --prewarm requests end (proxy/prewarm.py cuts). The prompt is chunked as
         SGLang's irminsul backend chunks a chat request, over its token IDs alone (no anchors
         reach it through the OpenAI endpoints), against the chunks so cut of earlier prompts,
@@ -142,7 +143,7 @@ class Pipeline:
         chunks = self.chunker.split(prep.ids, namespace=ann.namespace,
                                     model_fingerprint=self.model_fingerprint)
         return prewarm_cuts(chunks, self.bare_seen.observe(prep.ids, chunks), limit=limit,
-                            min_tokens=min_tokens)
+                            min_tokens=min_tokens, k=k)
 
     def complete(self, prep: Prepared, source: PromptSource, *, session: str,
                  track_seen: bool = True) -> Analysis:
@@ -186,12 +187,12 @@ class Pipeline:
         return self._run(lambda: self.prepare(source, session=session, namespace=namespace))
 
     def submit_prewarm(self, source: PromptSource, *, session: str, namespace: str,
-                       limit: int, min_tokens: int
+                       limit: int, min_tokens: int, k: int = 0
                        ) -> asyncio.Future[tuple[Prepared, tuple[int, ...]]]:
         """prepare() and prewarm_ends() on the worker thread."""
         def run():
             prep = self.prepare(source, session=session, namespace=namespace)
-            return prep, self.prewarm_ends(prep, limit=limit, min_tokens=min_tokens)
+            return prep, self.prewarm_ends(prep, limit=limit, min_tokens=min_tokens, k=k)
         return self._run(run)
 
     def submit_complete(self, prep: Prepared, source: PromptSource, *, session: str,

@@ -46,10 +46,11 @@ SCOPE_FIELDS = ("extra_key", "cache_salt", "lora_path", "lora_id")
 
 
 def cuts(chunks: Sequence[ChunkRef], seen: Sequence[tuple[int, int]], *, limit: int,
-         min_tokens: int) -> tuple[int, ...]:
+         min_tokens: int, k: int = 0) -> tuple[int, ...]:
     """Where to end pre-warm requests: the start of each run of seen chunks (``seen``: their
-    spans) that follows an unseen chunk and spans at least ``min_tokens`` tokens; the first
-    ``limit`` of them, in prompt order."""
+    spans) that follows an unseen chunk and spans at least ``min_tokens`` tokens, plus ``k``
+    tokens into the run (pic's carve-out: computed by the pre-warm, in their new left
+    context; the backend places the run from there); the first ``limit``, in prompt order."""
     if limit <= 0:
         return ()
     hit = {(s, e) for s, e in seen}
@@ -64,7 +65,7 @@ def cuts(chunks: Sequence[ChunkRef], seen: Sequence[tuple[int, int]], *, limit: 
             j += 1
         start, end = chunks[i].start, chunks[j - 1].end
         if i > 0 and end - start >= min_tokens:  # a run behind unseen tokens
-            out.append(start)
+            out.append(start + min(k, end - start - 1))
         i = j
     return tuple(out)
 

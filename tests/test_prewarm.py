@@ -35,6 +35,8 @@ def test_cuts_end_where_a_long_seen_run_follows_unseen_tokens():
     assert cuts(chunks, seen, limit=1, min_tokens=256) == (20,)
     assert cuts(chunks, seen, limit=0, min_tokens=256) == ()
     assert cuts(chunks, seen, limit=4, min_tokens=581) == (610,)  # 20..600 is 580 long
+    assert cuts(chunks, seen, limit=4, min_tokens=256, k=16) == (36, 626)  # pic's carve-out
+    assert cuts(chunks, seen, limit=4, min_tokens=256, k=10_000) == (599, 1199)  # inside it
     assert cuts(chunks, [], limit=4, min_tokens=1) == ()
     assert cuts(chunks, [(c.start, c.end) for c in chunks], limit=4, min_tokens=1) == ()
 

@@ -182,6 +182,7 @@ def test_config_checks():
             normalize_upstream(bad)
     for kw in ({"reorder": "sometimes"}, {"port": 70000}, {"max_body_bytes": 10},
                {"upstream_timeout": 0}, {"upstream_timeout": float("nan")}, {"db": ""},
-               {"prewarm": -1}, {"prewarm": True}, {"prewarm_min_tokens": 0}):
+               {"prewarm": -1}, {"prewarm": True}, {"prewarm_min_tokens": 0},
+               {"prewarm_k": -1}):
         with pytest.raises(ValueError):
             ProxyConfig(**kw)

@@ -376,11 +376,14 @@ def test_a_rewritten_header_gets_its_hits_only_after_a_prewarm_request(rope, doc
     torch.testing.assert_close(got_kpe, delta_rotate(src_kpe, *shift, spec), rtol=0, atol=0)
 
 
-def test_the_proxys_prewarm_cut_is_where_the_backend_places_a_run(rope, docs):
+@pytest.mark.parametrize("k", [0, 5])
+def test_the_proxys_prewarm_cut_is_where_the_backend_places_a_run(rope, docs, k):
     """The proxy's --prewarm end point (proxy/pipeline.py prewarm_ends: the prompt chunked
     over its token IDs alone, as a chat request reaches the backend, against the earlier
     prompts chunked so), run against the backend with no anchors: the pre-warm up to that
-    point, then the request, whose run of hits starts right after its exact prefix."""
+    point, then the request, whose run of hits starts right after its exact prefix. With k,
+    the pre-warm also computes the run's first k tokens (pic's carve-out, in their new left
+    context), and the run is placed from there."""
     from irminsul.chunking.keys import Chunker
     from irminsul.proxy.pipeline import SeenChunks
     from irminsul.proxy.prewarm import cuts
@@ -397,9 +400,10 @@ def test_the_proxys_prewarm_cut_is_where_the_backend_places_a_run(rope, docs):
     seen = SeenChunks(1 << 20)
     seen.observe(np.asarray(a_ids), chunker.split(a_ids))
     b_chunks = chunker.split(b_ids)
-    (cut,) = cuts(b_chunks, seen.observe(np.asarray(b_ids), b_chunks), limit=2, min_tokens=64)
+    (cut,) = cuts(b_chunks, seen.observe(np.asarray(b_ids), b_chunks), limit=2, min_tokens=64,
+                  k=k)
     docs_at = len(sys_) + len(hdr_b)
-    assert docs_at <= cut < docs_at + len(doc1)
+    assert docs_at + k <= cut < docs_at + len(doc1)
     warm = eng.request(b_ids[:cut])
     eng.admit(warm)
     eng.prefill(warm, seed=2)
