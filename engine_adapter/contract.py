@@ -14,9 +14,10 @@ it does not know, and serves the request as a plain one.
 
 2. Annotation. In ``irminsul`` mode the proxy adds a top-level key ``"irminsul"`` to the request
    body it forwards (any endpoint: /generate, /v1/chat/completions, /v1/completions,
-   /v1/messages). The object is :class:`Annotation` as a dict. Engines also accept it inside
-   ``kv_hints``, but the proxy never puts it there: SGLang 0.5.23 types ``kv_hints`` as an
-   envelope of actions and refuses a bare object (see engine_adapter/sglang/DESIGN.md).
+   /v1/messages). The object is :class:`Annotation` as a dict. SGLang 0.5.23 types
+   ``kv_hints`` as an envelope of actions and refuses a bare object, so for SGLang's irminsul
+   backend (stock mode, ``--kv-hints``, /generate only) the proxy sends it as the payload of an
+   ``irminsul.chunks`` action of that envelope instead (engine_adapter/sglang/hints.py).
 
 3. Verification. The engine tokenizes the request itself. If ``num_tokens`` and ``seq_hash``
    equal its own, it uses the annotation's chunk keys and anchors; otherwise it ignores them

@@ -102,6 +102,12 @@ def _embedded_upstream(config: ProxyConfig):
 @click.option("--prewarm-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Tokens at the start of each such run the pre-warm computes too, in their "
                    "new left context (pic's carve-out; the backend places the rest).")
+@click.option("--kv-hints", is_flag=True,
+              help="SGLang with --radix-cache-backend irminsul: send the chunk annotation "
+                   "(message and section anchors, tenant namespace) with /generate requests in "
+                   "SGLang's kv_hints envelope, the one field that reaches its scheduler (the "
+                   "OpenAI endpoints have none). The proxy then tokenizes /generate requests "
+                   "before forwarding. A stock SGLang ignores the envelope's action.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True, help="Log verbosity.")
 def proxy_command(log_level: str, **options) -> None:

@@ -66,6 +66,9 @@ class ProxyConfig:
     prewarm: int = 0
     prewarm_min_tokens: int = 256
     prewarm_k: int = 0  # tokens of each run the pre-warm computes too (pic's carve-out)
+    # stock SGLang with the irminsul backend: /generate requests carry the chunk annotation
+    # (anchors, tenant namespace) in SGLang's kv_hints envelope
+    kv_hints: bool = False
 
     def __post_init__(self):
         if self.upstream is not None:
@@ -93,6 +96,8 @@ class ProxyConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+        if not isinstance(self.kv_hints, bool):
+            raise TypeError(f"kv_hints must be a bool, got {self.kv_hints!r}")
         if not isinstance(self.approx_trie, bool):
             raise TypeError(f"approx_trie must be a bool, got {self.approx_trie!r}")
         if not isinstance(self.chunker, ChunkerConfig):

@@ -18,7 +18,8 @@ import time
 
 from aiohttp import web
 
-from irminsul.engine_adapter.contract import ANNOTATION_KEY
+from irminsul.engine_adapter.contract import ANNOTATION_KEY, SGLANG_HINT_KEY
+from irminsul.engine_adapter.sglang.hints import kv_hints_envelope
 from irminsul.proxy import prewarm, shapes
 from irminsul.proxy.attribution import normalize_attribution
 from irminsul.proxy.errors import TranslationError, error_response, upstream_error_message
@@ -139,7 +140,7 @@ async def _serve(request: web.Request, st: ProxyState, api: str, ex: Exchange):
         chat = None
     source = shapes.prompt_source(api, fwd, chat)
     irminsul = info.mode == "irminsul"
-    annotation = None
+    annotation = hints = None
     if st.pipeline is not None and source is not None:
         namespace = ex.tenant if st.config.isolate_tenants and ex.tenant else ""
         pipeline = st.pipeline
@@ -153,6 +154,15 @@ async def _serve(request: web.Request, st: ProxyState, api: str, ex: Exchange):
                     prep, source, session=ex.session, track_seen=False)
         elif st.config.prewarm and native and api in ("chat", "completions"):
             await _prewarm(request, st, ex, source, fwd, namespace)
+        elif st.config.kv_hints and api == "generate":
+            # SGLang's irminsul backend reads the annotation (anchors, tenant namespace) from
+            # /generate's kv_hints envelope, its one channel to the scheduler
+            prep = await analyze_quietly(pipeline.submit_prepare(
+                source, session=ex.session, namespace=namespace))
+            if prep is not None:
+                hints = kv_hints_envelope(prep.annotation, f"irminsul-{prep.annotation.seq_hash}")
+                ex.start_analysis = lambda: pipeline.submit_complete(prep, source,
+                                                                     session=ex.session)
         else:  # it only feeds the row: run it once the client has its answer
             ex.start_analysis = lambda: pipeline.submit(source, session=ex.session,
                                                         namespace=namespace)
@@ -160,7 +170,7 @@ async def _serve(request: web.Request, st: ProxyState, api: str, ex: Exchange):
         ex.prompt = shapes.prompt_for_log(api, fwd, chat)
     try:
         if native:
-            return await _native(request, st, api, ex, raw, body, fwd, annotation)
+            return await _native(request, st, api, ex, raw, body, fwd, annotation, hints)
         return await translated(request, st, api, ex, body, chat, annotation)
     except UpstreamFailure as e:
         raise fail(api, ex, e.status, e.message) from None
@@ -214,16 +224,27 @@ def _encode(raw: bytes, body: dict, fwd: dict, extra: dict) -> bytes:
     return dumps({**fwd, **extra})
 
 
+def _with_hints(theirs, ours: dict):
+    """The kv_hints to forward: ours, or the client's envelope with our action appended. A
+    client value that is not an envelope is left as it is (SGLang answers it itself)."""
+    if theirs is None:
+        return ours
+    if isinstance(theirs, dict) and isinstance(theirs.get("actions"), list):
+        return {**theirs, "actions": [*theirs["actions"], *ours["actions"]]}
+    return theirs
+
+
 async def _native(request, st: ProxyState, api: str, ex: Exchange, raw: bytes, body: dict,
-                  fwd: dict, annotation: dict | None):
+                  fwd: dict, annotation: dict | None, hints: dict | None = None):
     extra: dict = {}
+    if hints is not None:
+        extra[SGLANG_HINT_KEY] = _with_hints(fwd.get(SGLANG_HINT_KEY), hints)
     tenant_key = tenant_extra_key(st.config.isolate_tenants, ex.tenant, fwd)
     if tenant_key is not None and api in ("chat", "completions", "generate"):
         extra["extra_key"] = tenant_key
     if annotation is not None:
-        # Top-level key only, on every endpoint. Not in /generate's kv_hints: SGLang 0.5.23
-        # types kv_hints as an envelope (managers/kv_hints.py) and refuses anything else;
-        # see engine_adapter/sglang/DESIGN.md.
+        # Top-level key only, on every endpoint: an engine speaking the wire contract reads
+        # it there. (SGLang's backend reads it from a kv_hints envelope: --kv-hints.)
         extra[ANNOTATION_KEY] = annotation
     drop_usage = False
     if ex.stream and api in ("chat", "completions"):

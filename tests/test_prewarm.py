@@ -151,3 +151,38 @@ async def test_prewarm_through_the_proxy(aiohttp_server, tmp_path, stream):
     assert len(rows) == 2
     assert (rows[1]["exact_prefix_tokens"], rows[1]["reused_tokens"], rows[1]["new_tokens"]) == (
         exact, 0, len(ids) - exact)
+
+
+async def test_kv_hints_carry_the_annotation_on_generate(aiohttp_server):
+    """--kv-hints: a /generate request reaches SGLang with the chunk annotation in its kv_hints
+    envelope (the backend's reader accepts it and it matches the prompt's tokens); a client's
+    own envelope keeps its actions; without the flag nothing is added."""
+    from irminsul.engine_adapter.sglang.hints import annotation_from_kv_hints
+
+    tok = tiny_tokenizer()
+    text = "# Notes\n\n" + trace_content.prose(random.Random(3), 300) + "\n\n# Ask\n\nWhy?"
+    ids = [int(t) for t in tok.encode_prompt(text).ids]
+    theirs = {"protocol_version": "1", "message_id": "c1", "actions": [
+        {"action_id": "x", "action_type": "other.hint", "action_version": "1", "payload": {}}]}
+    for flag in (True, False):
+        fake = FakeSGLang(tokenizer=tok)
+        stack = await start_stack(aiohttp_server, fake=fake, tokenizer=tok, db=None,
+                                  kv_hints=flag, isolate_tenants=True)
+        async with aiohttp.ClientSession() as http:
+            for body in ({"text": text}, {"input_ids": ids}, {"text": text, "kv_hints": theirs}):
+                async with http.post(stack.base + "/generate", headers={"x-api-key": "k"},
+                                     json={**body, "sampling_params": {"max_new_tokens": 2}}) as r:
+                    assert r.status == 200
+                    await r.read()
+        await stack.close()
+        sent = [g.body.get("kv_hints") for g in fake.received]
+        if not flag:
+            assert sent == [None, None, theirs]
+            continue
+        for i, hints in enumerate(sent):
+            ann = annotation_from_kv_hints(hints)
+            assert ann is not None and ann.matches(ids) and ann.namespace  # and the tenant
+            # text has its section start as an anchor; bare token IDs carry none
+            assert len(ann.anchors) == (0 if i == 1 else 1)
+        assert sent[2]["message_id"] == "c1" and sent[2]["actions"][0] == theirs["actions"][0]
+        assert [a["action_type"] for a in sent[2]["actions"]] == ["other.hint", "irminsul.chunks"]
