@@ -2,7 +2,8 @@
 close to a full prefill?
 
 Against any server that speaks SGLang's ``/generate`` and the wire contract (the embedded
-engine, a patched SGLang), :func:`run_doctor` sends four greedy requests over HTTP:
+engine; SGLang's irminsul backend serves no capability probe and fails at it),
+:func:`run_doctor` sends four greedy requests over HTTP:
 
 1. header A + content, under the policy being checked (the content is fresh: a random seed);
 2. header B + the same content, same policy: the content must come back as reused tokens;
