@@ -1,9 +1,9 @@
 """`irminsul doctor`: verify a live deployment's content reuse from the outside.
 
 Light on purpose (no torch): it runs where the user's client runs, against a server that
-speaks the wire contract (the embedded engine). SGLang with the irminsul backend does not
-answer the capability probe or take per-request policies, so it fails the probe check here
-(engine_adapter/sglang/DESIGN.md). The checks are in doctor_checks.py.
+speaks the wire contract (the embedded engine) or SGLang with ``--radix-cache-backend
+irminsul`` (recognised from its /server_info; checked with a pre-warm request and fresh
+cache partitions instead of per-request policies). The checks are in doctor_checks.py.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 close to a full prefill?
 
 Against any server that speaks SGLang's ``/generate`` and the wire contract (the embedded
-engine; SGLang's irminsul backend serves no capability probe and fails at it),
-:func:`run_doctor` sends four greedy requests over HTTP:
+engine), :func:`run_doctor` sends four greedy requests over HTTP (SGLang with the irminsul
+backend, which has no probe and no per-request policy, gets :class:`SGLangDoctor` instead):
 
 1. header A + content, under the policy being checked (the content is fresh: a random seed);
 2. header B + the same content, same policy: the content must come back as reused tokens;
@@ -26,6 +26,7 @@ import numpy as np
 
 from ..chunking.config import ChunkerConfig
 from ..chunking.keys import Chunker
+from ..chunking.runs import cuts
 from .contract import (
     ANNOTATION_KEY,
     CAPABILITY_PATH,
@@ -216,6 +217,9 @@ class Doctor:
         return Reply(out, counts, meta, "")
 
     async def run(self) -> DoctorReport:
+        status, _ = await self._get_json(CAPABILITY_PATH)
+        if status == 404 and await sglang_backend(self) == "irminsul":
+            return await SGLangDoctor(self).run()
         caps = await self.probe()
         if caps is None:
             return DoctorReport(self.cfg.upstream, self.cfg.policy or "", tuple(self.checks),
@@ -233,6 +237,136 @@ class Doctor:
                     "prefix": (b, "prefix")}
         found = judge(self.add, replies, expected, content_start, self.cfg)
         return DoctorReport(self.cfg.upstream, policy, tuple(self.checks), found)
+
+
+def _find(obj: Any, key: str) -> Any:
+    """The first value under ``key`` anywhere in a JSON object (SGLang's server info nests
+    its arguments by group in some versions, flat in others)."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            if key in o:
+                return o[key]
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return None
+
+
+async def sglang_backend(doctor: Doctor) -> str | None:
+    """SGLang's --radix-cache-backend, from its /server_info (/get_server_info before 0.5),
+    or None for a server that is not SGLang."""
+    for path in ("/server_info", "/get_server_info"):
+        status, body = await doctor._get_json(path)
+        if status == 200 and isinstance(body, dict):
+            found = _find(body, "radix_cache_backend")
+            return found if isinstance(found, str) else None
+    return None
+
+
+class SGLangDoctor:
+    """The checks against SGLang with ``--radix-cache-backend irminsul``, which serves no
+    capability probe and no per-request policy. Its policy is the server's
+    (IRMINSUL_SGLANG_POLICY); ``full`` is a request in a fresh cache partition (its own
+    ``extra_key``: SGLang matches nothing there), ``prefix`` the same request again there. The
+    backend places one run per request, right after the exact prefix, so the moved content
+    is reached as the proxy's --prewarm reaches it: a prefill-only request (max_new_tokens 0)
+    for the prompt up to the run's start, chunked as the backend chunks it
+    (chunking/runs.py). Its split comes in ``meta_info.cached_tokens_details.irminsul``."""
+
+    def __init__(self, doctor: Doctor):
+        self.d, self.cfg = doctor, doctor.cfg
+
+    async def generate(self, ids: np.ndarray, partition: str, tokens: int) -> Reply:
+        body = {"input_ids": ids.tolist(), "extra_key": partition,
+                "sampling_params": {"temperature": 0, "max_new_tokens": tokens,
+                                    "ignore_eos": True}}
+        async with self.d.session.post(self.cfg.upstream + "/generate", json=body) as resp:
+            text = await resp.text()
+        try:
+            got = json.loads(text)
+        except ValueError:
+            got = None
+        if resp.status != 200 or not isinstance(got, dict):
+            return Reply((), None, {}, f"/generate answered {resp.status}: {text[:300]}")
+        meta = got.get("meta_info") if isinstance(got.get("meta_info"), dict) else {}
+        details = meta.get("cached_tokens_details")
+        split = details.get("irminsul") if isinstance(details, dict) else None
+        try:
+            counts = None if split is None else ReuseCounts.from_json(split)
+        except (TypeError, ValueError) as e:
+            return Reply((), None, meta, f"cached_tokens_details.irminsul unreadable: {e}")
+        return Reply(tuple(got.get("output_ids") or ()), counts, meta, "")
+
+    async def run(self) -> DoctorReport:
+        add, cfg = self.d.add, self.cfg
+        add("capability probe", None, "SGLang with --radix-cache-backend irminsul (its "
+            "/server_info): no wire-contract probe; its server-wide policy is checked, full "
+            "and prefix are requests in a fresh cache partition")
+        a, b, content_start = prompts(cfg)
+        chunker = Chunker(ChunkerConfig())  # the backend's (engine_adapter/sglang/config.py)
+        seen_a = {tuple(a[c.start:c.end].tolist()) for c in chunker.split(a)}
+        chunks_b = chunker.split(b)
+        seen = [(c.start, c.end) for c in chunks_b if tuple(b[c.start:c.end].tolist()) in seen_a]
+        ends = cuts(chunks_b, seen, limit=1, min_tokens=64, k=cfg.pic_k or 0)
+        tag = f"irminsul-doctor-{np.random.default_rng(cfg.seed).integers(1 << 62):x}"
+        reuse, fresh = tag + "-reuse", tag + "-full"
+        n = cfg.tokens
+        first = await self.generate(a, reuse, n)
+        warm = await self.generate(b[:ends[0]], reuse, 0) if ends else None
+        moved = await self.generate(b, reuse, n)
+        full = await self.generate(b, fresh, n)
+        prefix = await self.generate(b, fresh, n)
+        replies = {"first": first, "moved": moved, "full": full, "prefix": prefix}
+        lengths = {"first": len(a), "moved": len(b), "full": len(b), "prefix": len(b)}
+        problems = [f"{k}: {r.problem}" for k, r in replies.items() if r.problem]
+        if warm is not None and warm.problem:
+            problems.append(f"pre-warm: {warm.problem}")
+        problems += [f"{k}: prompt_tokens {r.meta.get('prompt_tokens')} for {lengths[k]} sent"
+                     for k, r in replies.items()
+                     if not r.problem and r.meta.get("prompt_tokens") != lengths[k]]
+        problems += [f"{k}: {len(r.output_ids)} output_ids, asked for {n}"
+                     for k, r in replies.items() if not r.problem and len(r.output_ids) != n]
+        if not problems and moved.counts is not None and moved.counts.prompt_tokens != len(b):
+            problems.append(f"moved: split counts {moved.counts.prompt_tokens} prompt tokens")
+        add("counts add up", not problems, "; ".join(problems) or
+            "prompt_tokens and output lengths right in all 4 replies; the moved request's split "
+            "adds up")
+        if problems:
+            return DoctorReport(cfg.upstream, "server's", tuple(self.d.checks), None)
+        cut = ends[0] if ends else None
+        add("pre-warm point", cut is not None,
+            f"b[:{cut}] sent first (content starts at token {content_start})" if cut else
+            "no run of repeated chunks in the content: use a larger --content-tokens")
+        add("fresh content not reported as reused",
+            first.meta.get("cached_tokens") == 0 and first.counts is None,
+            f"first request, fresh partition: {first.meta.get('cached_tokens')} cached, split "
+            f"{first.counts}")
+        mc = moved.counts
+        add("content hits reported", mc is not None and mc.reused_tokens > 0,
+            f"behind a new header: {mc.reused_tokens if mc else 0} of {len(b)} tokens reused"
+            + (f", {mc.recomputed_tokens} recomputed" if mc else ""))
+        cached = moved.meta.get("cached_tokens")
+        add("exact prefix not inflated", mc is not None and cut is not None and
+            cached == mc.exact_prefix_tokens <= cut,
+            f"exact prefix {mc.exact_prefix_tokens if mc else cached} (the pre-warm ends at "
+            f"{cut}), cached_tokens {cached}")
+        add("full reuses nothing", full.meta.get("cached_tokens") == 0 and full.counts is None,
+            f"fresh partition: {full.meta.get('cached_tokens')} cached, split {full.counts}")
+        pc = prefix.meta.get("cached_tokens")
+        add("prefix hits the exact repeat", isinstance(pc, int) and pc > content_start
+            and prefix.counts is None,
+            f"repeat in that partition: {pc} of {len(b)} cached, split {prefix.counts}")
+        same = full.output_ids == prefix.output_ids
+        add("full = prefix on an exact repeat", same, f"{n} greedy tokens identical" if same
+            else f"outputs differ from token "
+                 f"{round(agreement(full.output_ids, prefix.output_ids, n) * n)} on")
+        found = agreement(moved.output_ids, full.output_ids, n)
+        add("greedy agreement vs full", found >= cfg.min_agreement,
+            f"first {round(found * n)}/{n} tokens agree ({found:.0%}; threshold "
+            f"{cfg.min_agreement:.0%})")
+        return DoctorReport(cfg.upstream, "server's", tuple(self.d.checks), found)
 
 
 def annotation(ids: np.ndarray, caps: dict, policy: str, args: dict) -> dict:

@@ -19,9 +19,9 @@ import numpy as np
 
 from irminsul.chunking.keys import Chunker
 from irminsul.chunking.reuse import ReusingChunker
+from irminsul.chunking.runs import cuts as prewarm_cuts
 from irminsul.engine_adapter.contract import Annotation, ChunkRef, seq_hash
 from irminsul.proxy.divergence import Divergence, PromptView, SessionTracker
-from irminsul.proxy.prewarm import cuts as prewarm_cuts
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from irminsul.engine_adapter.contract import ChunkRef, ReuseCounts
+from irminsul.chunking.runs import cuts  # noqa: F401 - where the requests end
+from irminsul.engine_adapter.contract import ReuseCounts
 from irminsul.proxy.forward import upstream_call
 from irminsul.proxy.usage import reuse_counts, token_count
 
@@ -43,31 +44,6 @@ log = logging.getLogger(__name__)
 # Fields of the request that decide which cache partition SGLang matches it in: a pre-warm
 # must be stored where the request will look (extra_key, cache_salt, the LoRA adapter).
 SCOPE_FIELDS = ("extra_key", "cache_salt", "lora_path", "lora_id")
-
-
-def cuts(chunks: Sequence[ChunkRef], seen: Sequence[tuple[int, int]], *, limit: int,
-         min_tokens: int, k: int = 0) -> tuple[int, ...]:
-    """Where to end pre-warm requests: the start of each run of seen chunks (``seen``: their
-    spans) that follows an unseen chunk and spans at least ``min_tokens`` tokens, plus ``k``
-    tokens into the run (pic's carve-out: computed by the pre-warm, in their new left
-    context; the backend places the run from there); the first ``limit``, in prompt order."""
-    if limit <= 0:
-        return ()
-    hit = {(s, e) for s, e in seen}
-    out: list[int] = []
-    i = 0
-    while i < len(chunks) and len(out) < limit:
-        if (chunks[i].start, chunks[i].end) not in hit:
-            i += 1
-            continue
-        j = i
-        while j < len(chunks) and (chunks[j].start, chunks[j].end) in hit:
-            j += 1
-        start, end = chunks[i].start, chunks[j - 1].end
-        if i > 0 and end - start >= min_tokens:  # a run behind unseen tokens
-            out.append(start + min(k, end - start - 1))
-        i = j
-    return tuple(out)
 
 
 @dataclass(frozen=True)
