@@ -221,6 +221,15 @@ class Engine:
         req.kv.kv_allocated_len = n
         return row
 
+    def serve(self, ids, anchors=(), *, seed: int, **kw) -> tuple[Req, torch.Tensor]:
+        """One whole request as the scheduler runs it: admit, prefill (fresh KV drawn from
+        ``seed``), finish; returns it and its row."""
+        req = self.request(ids, anchors, **kw)
+        self.admit(req)
+        row = self.prefill(req, seed)
+        self.finish(req)
+        return req, row
+
     def finish(self, req: Req) -> None:
         from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 
@@ -341,20 +350,14 @@ def test_a_rewritten_header_gets_its_hits_only_after_a_prewarm_request(rope, doc
     head = len(sys_) + len(hdr_b)
 
     alone = Engine(rope)
-    a = alone.request(a_ids, a_anchors)
-    alone.admit(a)
-    alone.prefill(a, seed=1)
-    alone.finish(a)
+    alone.serve(a_ids, a_anchors, seed=1)
     b = alone.request(b_ids, b_anchors)
     assert alone.admit(b) == 0  # the header's new tokens come first: nothing placed
     assert b.prefix_len == len(sys_)  # SGLang's exact prefix; the documents are computed
     assert getattr(b, REQ_COUNTS_ATTR, None) is None
 
     eng = Engine(rope)
-    a = eng.request(a_ids, a_anchors)
-    eng.admit(a)
-    a_row = eng.prefill(a, seed=1)
-    eng.finish(a)
+    _, a_row = eng.serve(a_ids, a_anchors, seed=1)
     warm = eng.request(b_ids[:head], b_anchors[:2])  # the pre-warm: up to the first hit
     assert eng.admit(warm) == 0
     eng.prefill(warm, seed=2)
@@ -404,10 +407,7 @@ def test_the_proxys_prewarm_cut_is_where_the_backend_places_a_run(rope, docs, k)
                   k=k)
     docs_at = len(sys_) + len(hdr_b)
     assert docs_at + k <= cut < docs_at + len(doc1)
-    warm = eng.request(b_ids[:cut])
-    eng.admit(warm)
-    eng.prefill(warm, seed=2)
-    eng.finish(warm)
+    eng.serve(b_ids[:cut], seed=2)
     b = eng.request(b_ids)
     placed = eng.admit(b)
     assert b.prefix_len - placed == cut  # the pre-warm is b's exact prefix now
@@ -420,10 +420,7 @@ def test_bfloat16_pool_places_within_one_rounding(rope, docs):
     sys_, doc1, doc2, tail, _gap, q = docs
     eng = Engine(rope, dtype=torch.bfloat16)
     a_ids, a_anchors = _with_anchors(sys_, doc1, doc2, tail)
-    a = eng.request(a_ids, a_anchors)
-    eng.admit(a)
-    a_row = eng.prefill(a, seed=3)
-    eng.finish(a)
+    a, a_row = eng.serve(a_ids, a_anchors, seed=3)
     b_ids, b_anchors = _with_anchors(doc1, q)
     b = eng.request(b_ids, b_anchors)
     assert eng.admit(b) == len(doc1)
@@ -443,10 +440,7 @@ def test_eviction_stays_sglangs(rope, docs):
     sys_, doc1, doc2, tail, _gap, q = docs
     eng = Engine(rope)
     a_ids, a_anchors = _with_anchors(sys_, doc1, doc2, tail)
-    a = eng.request(a_ids, a_anchors)
-    eng.admit(a)
-    eng.prefill(a, seed=5)
-    eng.finish(a)
+    eng.serve(a_ids, a_anchors, seed=5)
     eng.cache.evict(EvictParams(num_tokens=SLOTS))  # SGLang evicts A's nodes
     assert eng.exact_match(a_ids) == 0
     b = eng.request(*_with_anchors(doc2, q))
@@ -458,10 +452,7 @@ def test_prefix_policy_is_sglangs_radix_cache(rope, docs):
     sys_, doc1, doc2, tail, _gap, q = docs
     eng = Engine(rope, policy="prefix")
     a_ids, a_anchors = _with_anchors(sys_, doc1, doc2, tail)
-    a = eng.request(a_ids, a_anchors)
-    eng.admit(a)
-    eng.prefill(a, seed=6)
-    eng.finish(a)
+    eng.serve(a_ids, a_anchors, seed=6)
     b = eng.request(*_with_anchors(sys_, doc2, q))
     assert eng.admit(b) == 0 and b.prefix_len == len(sys_)
     assert not b.skip_radix_cache_insert
@@ -546,10 +537,7 @@ def test_paged_pool_places_whole_pages(rope):
     sys_, doc1, doc2, tail, q = _segments(11, (40, 96, 96, 12, 12))
     eng = Engine(rope, page_size=4)
     a_ids, a_anchors = _with_anchors(sys_, doc1, doc2, tail)
-    a = eng.request(a_ids, a_anchors)
-    eng.admit(a)
-    a_row = eng.prefill(a, seed=9)
-    eng.finish(a)
+    a, a_row = eng.serve(a_ids, a_anchors, seed=9)
     free_before = eng.alloc.available_size()
     b_ids, b_anchors = _with_anchors(doc2, q)  # whole pages, so the harness allocates simply
     b = eng.request(b_ids, b_anchors)
@@ -579,10 +567,7 @@ def test_paged_pool_places_whole_pages(rope):
 def test_tenants_and_extra_keys_never_share_content(rope, docs):
     sys_, doc1, doc2, tail, _gap, q = docs
     eng = Engine(rope)
-    a = eng.request(*_with_anchors(sys_, doc1, doc2, tail), namespace="tenant-a")
-    eng.admit(a)
-    eng.prefill(a, seed=12)
-    eng.finish(a)
+    eng.serve(*_with_anchors(sys_, doc1, doc2, tail), namespace="tenant-a", seed=12)
     ids, anchors = _with_anchors(doc2, q)
     assert eng.admit(eng.request(ids, anchors, namespace="tenant-b")) == 0
     assert eng.admit(eng.request(ids, anchors, namespace="tenant-a", extra_key="lora-x")) == 0
@@ -602,10 +587,7 @@ def _conversation(eng: Engine, docs):
     """Turn 1 (exact: sys, doc1, doc2, tail), turn 2 (sys, doc2, gap, doc1, q: doc2 placed,
     the rest computed, doc1 behind the hole). Returns (turn-2 ids, its row, exact length)."""
     sys_, doc1, doc2, tail, gap, q = docs
-    a = eng.request(*_with_anchors(sys_, doc1, doc2, tail))
-    eng.admit(a)
-    eng.prefill(a, seed=20)
-    eng.finish(a)
+    eng.serve(*_with_anchors(sys_, doc1, doc2, tail), seed=20)
     b_ids, b_anchors = _with_anchors(sys_, doc2, gap, doc1, q)
     b = eng.request(b_ids, b_anchors)
     assert eng.admit(b) == len(doc2)
@@ -709,10 +691,7 @@ def test_composed_checkpoints_mid_prefill_and_dedups_twins(rope, docs):
     sys_, doc1, doc2, tail, gap, q = docs
     eng = Engine(rope)
     a_ids, a_anchors = _with_anchors(sys_, doc1, doc2, tail)
-    a = eng.request(a_ids, a_anchors)
-    eng.admit(a)
-    eng.prefill(a, seed=30)
-    eng.finish(a)
+    eng.serve(a_ids, a_anchors, seed=30)
     b_ids, b_anchors = _with_anchors(sys_, doc2, gap, doc1, q)
     twins = [eng.request(b_ids, b_anchors) for _ in range(2)]
     rows = []
