@@ -143,8 +143,8 @@ class Doctor:
             except ValueError:
                 return resp.status, text
 
-    async def probe(self) -> dict | None:
-        status, body = await self._get_json(CAPABILITY_PATH)
+    def probe(self, status: int, body: Any) -> dict | None:
+        """The capabilities in the answer (status, body) to GET CAPABILITY_PATH, or None."""
         caps = body.get("irminsul") if isinstance(body, dict) else None
         if status != 200 or not isinstance(caps, dict):
             self.add("capability probe", False,
@@ -200,15 +200,9 @@ class Doctor:
             # (managers/kv_hints.py) and rejects a bare annotation there; see sglang/DESIGN.md.
             body[ANNOTATION_KEY] = annotation(ids, caps, policy,
                                               args if policy in REUSE_POLICIES else {})
-        async with self.session.post(cfg.upstream + "/generate", json=body) as resp:
-            text = await resp.text()
-        try:
-            got = json.loads(text)
-        except ValueError:
-            got = None
-        if resp.status != 200 or not isinstance(got, dict):
-            return Reply((), None, {}, f"/generate answered {resp.status}: {text[:300]}")
-        meta = got.get("meta_info") if isinstance(got.get("meta_info"), dict) else {}
+        got, meta, problem = await self.post_generate(body)
+        if problem:
+            return Reply((), None, {}, problem)
         out = tuple(got.get("output_ids") or ())
         try:
             counts = ReuseCounts.from_json(meta["irminsul"])
@@ -216,11 +210,24 @@ class Doctor:
             return Reply(out, None, meta, f"meta_info.irminsul unreadable: {e}")
         return Reply(out, counts, meta, "")
 
+    async def post_generate(self, body: dict) -> tuple[dict, dict, str]:
+        """(answer, its meta_info, "") of a /generate request, or ({}, {}, why not)."""
+        async with self.session.post(self.cfg.upstream + "/generate", json=body) as resp:
+            text = await resp.text()
+        try:
+            got = json.loads(text)
+        except ValueError:
+            got = None
+        if resp.status != 200 or not isinstance(got, dict):
+            return {}, {}, f"/generate answered {resp.status}: {text[:300]}"
+        meta = got.get("meta_info") if isinstance(got.get("meta_info"), dict) else {}
+        return got, meta, ""
+
     async def run(self) -> DoctorReport:
-        status, _ = await self._get_json(CAPABILITY_PATH)
+        status, body = await self._get_json(CAPABILITY_PATH)
         if status == 404 and await sglang_backend(self) == "irminsul":
             return await SGLangDoctor(self).run()
-        caps = await self.probe()
+        caps = self.probe(status, body)
         if caps is None:
             return DoctorReport(self.cfg.upstream, self.cfg.policy or "", tuple(self.checks),
                                 None)
@@ -282,15 +289,9 @@ class SGLangDoctor:
         body = {"input_ids": ids.tolist(), "extra_key": partition,
                 "sampling_params": {"temperature": 0, "max_new_tokens": tokens,
                                     "ignore_eos": True}}
-        async with self.d.session.post(self.cfg.upstream + "/generate", json=body) as resp:
-            text = await resp.text()
-        try:
-            got = json.loads(text)
-        except ValueError:
-            got = None
-        if resp.status != 200 or not isinstance(got, dict):
-            return Reply((), None, {}, f"/generate answered {resp.status}: {text[:300]}")
-        meta = got.get("meta_info") if isinstance(got.get("meta_info"), dict) else {}
+        got, meta, problem = await self.d.post_generate(body)
+        if problem:
+            return Reply((), None, {}, problem)
         details = meta.get("cached_tokens_details")
         split = details.get("irminsul") if isinstance(details, dict) else None
         try:
