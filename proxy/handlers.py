@@ -291,8 +291,7 @@ async def _whole(resp, api: str, ex: Exchange, rewrite: bool) -> web.Response:
     else:
         usage = payload.get("usage")
         if ex.prewarmed is not None and isinstance(usage, dict):  # chat/completions only
-            usage, rewrite = ex.prewarmed.split(usage), True
-            payload, changed = {**payload, "usage": usage}, True
+            usage, rewrite = ex.prewarmed.split(usage), True  # rewritten just below
         read = read_anthropic if api == "messages" else read_openai
         ex.usage = read(usage)
         if rewrite and isinstance(usage, dict) and usage.get("irminsul") is not None:

@@ -34,7 +34,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from irminsul.chunking.runs import cuts  # noqa: F401 - where the requests end
 from irminsul.engine_adapter.contract import ReuseCounts
 from irminsul.proxy.forward import upstream_call
 from irminsul.proxy.usage import reuse_counts, token_count

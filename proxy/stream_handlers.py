@@ -62,10 +62,9 @@ class OpenAIEvents:
             return self._generate(payload, ev)
         usage = payload.get("usage")
         if isinstance(usage, dict):
-            if self.prewarmed is not None:
+            if self.prewarmed is not None:  # the split goes out through the rewrite below
                 usage = self.prewarmed.split(usage)
                 payload = {**payload, "usage": usage}
-                data = json.dumps(payload)
             ex.usage = merge(ex.usage, read_openai(usage))
             if self.drop_usage_chunk and not payload.get("choices"):
                 return b""

@@ -18,9 +18,10 @@ from support.proxy_harness import read_rows, start_stack, tiny_tokenizer
 
 from irminsul.chunking.config import ChunkerConfig
 from irminsul.chunking.keys import Chunker
+from irminsul.chunking.runs import cuts
 from irminsul.engine_adapter.contract import ChunkRef
 from irminsul.proxy import trace_content
-from irminsul.proxy.prewarm import Prewarmed, Warmed, _read, cuts
+from irminsul.proxy.prewarm import Prewarmed, Warmed, _read
 
 
 def _chunks(*bounds):

@@ -388,8 +388,8 @@ def test_the_proxys_prewarm_cut_is_where_the_backend_places_a_run(rope, docs, k)
     the pre-warm also computes the run's first k tokens (pic's carve-out, in their new left
     context), and the run is placed from there."""
     from irminsul.chunking.keys import Chunker
+    from irminsul.chunking.runs import cuts
     from irminsul.proxy.pipeline import SeenChunks
-    from irminsul.proxy.prewarm import cuts
 
     sys_, doc1, doc2, tail, hdr_a, q = docs
     (hdr_b,) = _segments(11, (23,))
