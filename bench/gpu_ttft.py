@@ -67,17 +67,25 @@ class Log:
         self.path.write_text("\n".join(self.lines) + "\n")
 
 
-def cases(k: int, flex: bool) -> list[tuple[str, str, dict, str]]:
-    """(label, policy, policy args, prefill attention). The engine's default attention
-    ("auto": absorbed MLA for blocks of few queries, the library's dense path for the rest),
-    then pic on the library's path alone, and with --flex on FlexAttention."""
-    rows = [("full", "full", {}, "auto"), ("prefix", "prefix", {}, "auto"),
-            ("pic k=0", "pic", {"k": 0}, "auto"), (f"pic k={k}", "pic", {"k": k}, "auto"),
-            ("blend r=0.1", "blend", {"r": 0.1}, "auto"),
-            (f"pic k={k} dense", "pic", {"k": k}, "dense")]
+def cases(k: int, flex: bool) -> list[tuple[str, str, dict, str, bool]]:
+    """(label, policy, policy args, prefill attention, CUDA graphs). The engine's defaults
+    ("auto": absorbed MLA for blocks of few queries, replayed as CUDA graphs, the library's
+    dense path for the rest), then pic without the graphs, on the library's path alone, and
+    with --flex on FlexAttention."""
+    rows = [("full", "full", {}, "auto", True), ("prefix", "prefix", {}, "auto", True),
+            ("pic k=0", "pic", {"k": 0}, "auto", True),
+            (f"pic k={k}", "pic", {"k": k}, "auto", True),
+            ("blend r=0.1", "blend", {"r": 0.1}, "auto", True),
+            (f"pic k={k} eager", "pic", {"k": k}, "auto", False),
+            (f"pic k={k} dense", "pic", {"k": k}, "dense", False)]
     if flex:
-        rows.append((f"pic k={k} flex", "pic", {"k": k}, "flex"))
+        rows.append((f"pic k={k} flex", "pic", {"k": k}, "flex", False))
     return rows
+
+
+def set_mode(engine: Engine, attention: str, graphs: bool) -> None:
+    engine.runner.prefill_attention = attention
+    engine.runner.use_graphs = graphs and engine.runner.graphs is not None
 
 
 def prompts(engine: Engine, n: int, corpus: np.ndarray):
@@ -101,11 +109,10 @@ def sync(engine: Engine) -> None:
         torch.cuda.synchronize()
 
 
-def timed_request(engine, warm, edit, policy, args, attention):
+def timed_request(engine, warm, edit, policy, args, attention, graphs=True):
     engine.flush_cache()
-    engine.runner.prefill_attention = attention
+    set_mode(engine, attention, graphs)
     engine.prefill(warm[0], anchors=warm[1], policy="full")
-    engine.runner.prefill_attention = attention
     sync(engine)
     t0 = time.perf_counter()
     out = next(iter(engine.generate(edit[0], SamplingParams(max_new_tokens=1), anchors=edit[1],
@@ -113,7 +120,7 @@ def timed_request(engine, warm, edit, policy, args, attention):
     return time.perf_counter() - t0, out.counts
 
 
-def place_seconds(engine, warm, edit, policy, args, attention) -> float:
+def place_seconds(engine, warm, edit, policy, args, attention, graphs=True) -> float:
     """One more request with the device synchronised around the placement."""
     spent = []
     inner = prefill_mod.place
@@ -127,7 +134,7 @@ def place_seconds(engine, warm, edit, policy, args, attention) -> float:
 
     prefill_mod.place = timed
     try:
-        timed_request(engine, warm, edit, policy, args, attention)
+        timed_request(engine, warm, edit, policy, args, attention, graphs)
     finally:
         prefill_mod.place = inner
     return spent[-1]
@@ -146,7 +153,7 @@ def check_placement(engine, warm, edit, k, log) -> None:
     bufs = {}
     try:
         for placement in ("torch", "triton"):
-            kv = r.new_kv(len(edit[0]) + 3)
+            kv = r.alloc_kv(len(edit[0]) + 3)  # not the CUDA graphs' arena: same shapes
             kv.c_kv.fill_(POISON)
             kv.k_pe.fill_(POISON)
             r.placement = placement
@@ -191,7 +198,7 @@ def check_attention(engine, warm, edit, k, attentions, log) -> None:
     out = {}
     for attention in attentions:
         for policy, args in (("full", {}), ("pic", {"k": k})):
-            engine.runner.prefill_attention = attention
+            set_mode(engine, attention, True)
             engine.flush_cache()
             engine.prefill(warm[0], anchors=warm[1], policy="full")
             out[attention, policy] = engine.prefill(edit[0], anchors=edit[1], policy=policy,
@@ -207,6 +214,47 @@ def check_attention(engine, warm, edit, k, attentions, log) -> None:
                      for att in attentions if att != "dense")
     log(f"  logits max|d| vs dense full (scale {scale:.2f}): " + ", ".join(parts)
         + f"; {same}")
+
+
+def greedy(engine, warm, edit, k, graphs, n):
+    """pic's logits and n greedy tokens, with or without the CUDA graphs, and the median
+    time of a decode step (the gaps between tokens after the first)."""
+    set_mode(engine, "auto", graphs)
+    engine.flush_cache()
+    engine.prefill(warm[0], anchors=warm[1], policy="full")
+    logits = engine.prefill(edit[0], anchors=edit[1], policy="pic", policy_args={"k": k}).logits
+    engine.flush_cache()
+    engine.prefill(warm[0], anchors=warm[1], policy="full")
+    tokens, stamps = [], []
+    params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+    for o in engine.generate(edit[0], params, anchors=edit[1], policy="pic",
+                             policy_args={"k": k}):
+        sync(engine)
+        stamps.append(time.perf_counter())
+        tokens.append(o.token_id)
+    step = statistics.median(b - a for a, b in itertools.pairwise(stamps))
+    return logits, tokens, step
+
+
+def check_graphs(engine, warm, edit, k, log, n=33):
+    """The CUDA-graph path against the same blocks run eagerly: pic's logits, n greedy
+    tokens, and the decode step time of both."""
+    g = engine.runner.graphs
+    if g is None:
+        log("  CUDA graphs: off on this device")
+        return None
+    ref, ref_tokens, eager_step = greedy(engine, warm, edit, k, False, n)
+    greedy(engine, warm, edit, k, True, n)  # records the shapes
+    got, tokens, graph_step = greedy(engine, warm, edit, k, True, n)
+    d = (got - ref).abs().max().item()
+    same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), n)
+    log(f"  CUDA graphs vs eager blocks: pic logits max|d| {d:.3f} (scale "
+        f"{ref.abs().max().item():.2f}), greedy tokens identical for {same} of {n}; decode "
+        f"step {eager_step * 1e3:.2f} -> {graph_step * 1e3:.2f} ms "
+        f"({eager_step / graph_step:.1f}x); {g.stats()}")
+    if not d < 1.0 or g.failed is not None:
+        raise SystemExit("the CUDA graph path disagrees with the eager blocks or failed")
+    return eager_step, graph_step
 
 
 @contextmanager
@@ -245,9 +293,8 @@ def profile_request(engine, warm, edit, k, attention, path: Path, log) -> None:
     cuda = engine.runner.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     engine.flush_cache()
-    engine.runner.prefill_attention = attention
+    set_mode(engine, attention, True)
     engine.prefill(warm[0], anchors=warm[1], policy="full")  # the warm prompt: not profiled
-    engine.runner.prefill_attention = attention
     sync(engine)
     with step_labels(engine), profile(activities=activities) as prof:
         t0 = time.perf_counter()
@@ -282,6 +329,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="an existing checkpoint instead of building one")
     ap.add_argument("--flex", action="store_true",
                     help="also time and check pic with FlexAttention (compiles: ~20 s more)")
+    ap.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                    help="the engine's cuda_graphs (on with --smoke: the static blocks eagerly)")
     ap.add_argument("--profile", type=Path, metavar="FILE",
                     help="after the timed runs, profile one pic request at the first size "
                          "and write torch.profiler's operator tables here")
@@ -302,7 +351,7 @@ def main() -> None:
     engine = Engine(EngineConfig(
         model_dir=str(a.model), device=device, self_check=False, pic_k=a.k,
         cache_bytes=8 << 30, max_seq_len=max(32768, 2 * max(sizes) + 4 * HEADER_TOKENS),
-        placement="triton" if interpreted else "auto"))
+        placement="triton" if interpreted else "auto", cuda_graphs=a.cuda_graphs))
     r = engine.runner
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)"
     import transformers
@@ -314,7 +363,7 @@ def main() -> None:
         f"{time.perf_counter() - t_built:.0f} s")
     log(f"# command: {' '.join(sys.argv)}")
     corpus = ttft.body_tokens(engine, max(sizes) + 2 * HEADER_TOKENS)
-    rows = []
+    rows, decode = [], []
     flex_ok = a.flex
     for n in sizes:
         warm, edits = prompts(engine, n, corpus)
@@ -322,6 +371,9 @@ def main() -> None:
         t0 = time.perf_counter()
         check_placement(engine, warm, edits["reorder"], a.k, log)
         check_attention(engine, warm, edits["header"], a.k, ("dense", "auto"), log)
+        steps = check_graphs(engine, warm, edits["header"], a.k, log)
+        if steps is not None:
+            decode.append((len(warm[0]), *steps))
         if flex_ok:
             try:
                 check_attention(engine, warm, edits["header"], a.k, ("dense", "flex"), log)
@@ -334,12 +386,13 @@ def main() -> None:
             times = {c[0]: [] for c in cs}
             counts = {}
             for rep in range(reps + 1):  # round-robin; round 0 warms allocator and compiler
-                for label, policy, args, attention in cs:
-                    t, counts[label] = timed_request(engine, warm, edit, policy, args, attention)
+                for label, policy, args, attention, graphs in cs:
+                    t, counts[label] = timed_request(engine, warm, edit, policy, args,
+                                                     attention, graphs)
                     if rep:
                         times[label].append(t)
-            for label, policy, args, attention in cs:
-                place = place_seconds(engine, warm, edit, policy, args, attention)
+            for label, policy, args, attention, graphs in cs:
+                place = place_seconds(engine, warm, edit, policy, args, attention, graphs)
                 med = statistics.median(times[label])
                 c = counts[label]
                 rows.append((len(edit[0]), edit_name, label, c, med, place))
@@ -356,6 +409,9 @@ def main() -> None:
         log(f"{n:>7} {edit_name:<8}{label:<16}{c.exact_prefix_tokens:>6}{c.reused_tokens:>7}"
             f"{c.recomputed_tokens:>7}{c.new_tokens:>6}{med * 1e3:>9.1f}{prefix / med:>9.2f}x"
             f"{place * 1e3:>9.2f}{place / med:>7.1%}")
+    for n, eager_step, graph_step in decode:
+        log(f"decode step at {n} tokens: {eager_step * 1e3:.2f} ms eager, "
+            f"{graph_step * 1e3:.2f} ms as CUDA graphs ({eager_step / graph_step:.1f}x)")
     if a.profile is not None:
         warm, edits = prompts(engine, sizes[0], corpus)
         profile_request(engine, warm, edits["header"], a.k, "auto", a.profile, log)

@@ -18,7 +18,7 @@ from aiohttp import web
 
 import irminsul
 
-from .config import DEVICES, DTYPES, POLICIES, EngineConfig
+from .config import CUDA_GRAPHS, DEVICES, DTYPES, POLICIES, EngineConfig
 from .gate import BUILTIN, GATE_FILE
 
 DEFAULT_MODEL = irminsul.SHIPPED_MODEL_DIR
@@ -149,9 +149,13 @@ async def start_embedded(engine_config: EngineConfig, host: str = "127.0.0.1",
               show_default=_GATE_DEFAULT.format(BUILTIN["min_agreement"]),
               help="Start-up self-check: serve prefix only when the probe's greedy agreement "
                    "with full is below this.")
+@click.option("--cuda-graphs", type=click.Choice(CUDA_GRAPHS), default=DEFAULTS["cuda_graphs"],
+              show_default=True,
+              help="Replay decode steps and pic's recompute blocks as CUDA graphs (auto: on "
+                   "CUDA; off: every block through Python, as the library runs it).")
 def serve_command(model_dir, device, dtype, host, port, cache_bytes, policy, pic_k, blend_r,
                   clip_r, clip_model_dir, audit_rate, approx_trie, audit_db, audit_max_kl,
-                  audit_min_agreement, check_max_kl, check_min_agreement):
+                  audit_min_agreement, check_max_kl, check_min_agreement, cuda_graphs):
     """Serve a local DeepSeek-V2-family checkpoint with the embedded engine.
 
     The API is SGLang's (POST /generate, /v1/chat/completions, /v1/completions, /flush_cache;
@@ -166,7 +170,7 @@ def serve_command(model_dir, device, dtype, host, port, cache_bytes, policy, pic
                            audit_max_kl=audit_max_kl,
                            audit_min_agreement=audit_min_agreement,
                            check_max_kl=check_max_kl, check_min_agreement=check_min_agreement,
-                           audit_db=str(audit_db) if audit_rate > 0 else None)
+                           cuda_graphs=cuda_graphs, audit_db=str(audit_db) if audit_rate > 0 else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         asyncio.run(_serve(config, host, port))

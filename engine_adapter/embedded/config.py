@@ -13,6 +13,7 @@ POLICIES = ("full", "prefix", "pic", "blend", "clip")
 ATTENTION = ("sdpa", "eager")
 PLACEMENTS = ("auto", "torch", "triton")
 PREFILL_ATTENTION = ("auto", "dense", "absorbed", "flex")
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class EngineConfig:
     placement: str = "auto"
     prefill_attention: str = "auto"
     absorbed_max_queries: int = 512
+    # Blocks in the absorbed form (pic's recomputed tokens, decode steps) replayed as CUDA
+    # graphs over an arena of max_seq_len slots (graphs.py): auto (on CUDA)|on|off. "on" on
+    # a CPU runs the same padded blocks eagerly: the tests' check of that logic.
+    cuda_graphs: str = "auto"
     self_check: bool = True
     check_rope_tol: float = 1e-5
     # None: the model's irminsul.json, else gate.BUILTIN (1.0, 0.0, 4; audits 1.0, 0.0).
@@ -96,6 +101,7 @@ class EngineConfig:
         for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("policy", POLICIES),
                               ("attn_implementation", ATTENTION), ("placement", PLACEMENTS),
                               ("prefill_attention", PREFILL_ATTENTION),
+                              ("cuda_graphs", CUDA_GRAPHS),
                               ("clip_device", ("cpu", "cuda"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(

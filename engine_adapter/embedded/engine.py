@@ -99,7 +99,8 @@ class Engine:
         self.runner = ModelRunner(root, config.device, config.dtype,
                                   config.attn_implementation, config.prefill_block,
                                   config.placement, config.prefill_attention,
-                                  config.absorbed_max_queries)
+                                  config.absorbed_max_queries, config.cuda_graphs,
+                                  config.max_seq_len)
         self.tokenizer = ModelTokenizer.from_dir(root)
         if self.tokenizer.vocab_size > self.runner.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
@@ -178,6 +179,8 @@ class Engine:
                     "annotations_used": self._annotations_used,
                     "annotations_ignored": self._annotations_ignored,
                     "kv_bytes_per_token": self.runner.kv_bytes_per_token(),
+                    "cuda_graphs": None if self.runner.graphs is None
+                    else self.runner.graphs.stats(),
                 },
                 "reuse": dict(self._totals),
                 "store": self.store.stats()._asdict(),

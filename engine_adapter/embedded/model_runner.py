@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ...kernels.rope import RopeSpec, apply_rope
-from . import absorbed, attention
+from . import absorbed, attention, graphs
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -30,13 +30,19 @@ class KVBuffer:
     expand_kv), valid where ``expanded`` is set; a write to a slot's latents clears it.
     """
 
-    def __init__(self, layers: int, capacity: int, rank: int, rope_dim: int, dtype, device):
-        self.c_kv = torch.zeros(layers, capacity, rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(layers, capacity, rope_dim, dtype=dtype, device=device)
+    def __init__(self, c_kv: torch.Tensor, k_pe: torch.Tensor, arena=None):
+        self.c_kv, self.k_pe = c_kv, k_pe
+        self.arena = arena  # the graphs.Graphs whose arena these tensors are, if any
+        layers, capacity = c_kv.shape[:2]
         self.length = 0
-        self.expanded = torch.zeros(layers, capacity, dtype=torch.bool, device=device)
+        self.expanded = torch.zeros(layers, capacity, dtype=torch.bool, device=c_kv.device)
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
+
+    @classmethod
+    def zeros(cls, layers: int, capacity: int, rank: int, rope_dim: int, dtype, device):
+        return cls(torch.zeros(layers, capacity, rank, dtype=dtype, device=device),
+                   torch.zeros(layers, capacity, rope_dim, dtype=dtype, device=device))
 
     @property
     def capacity(self) -> int:
@@ -57,6 +63,7 @@ class KVBuffer:
             return out
 
         self.c_kv, self.k_pe = grown(self.c_kv, 1), grown(self.k_pe, 1)
+        self.arena = None  # moved out of it: graphs no longer apply
         self.expanded = grown(self.expanded, 1)
         self.keys = [None if k is None else grown(k, 2) for k in self.keys]
         self.values = [None if v is None else grown(v, 2) for v in self.values]
@@ -147,6 +154,15 @@ def resolve_placement(placement: str, device: torch.device) -> str:
     return placement
 
 
+def resolve_graphs(mode: str, device: torch.device) -> str:
+    """"capture" (CUDA graphs), "static" (the same padded blocks run eagerly) or "off"."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"cuda_graphs must be auto, on or off, got {mode!r}")
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return "off"
+    return "capture" if device.type == "cuda" else "static"
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -166,6 +182,8 @@ class ModelRunner:
         placement: str = "auto",
         prefill_attention: str = "auto",
         absorbed_max_queries: int = 512,
+        cuda_graphs: str = "off",
+        max_slots: int = 32768,
     ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -207,9 +225,22 @@ class ModelRunner:
             layer.self_attn.expand_kv = _MemoExpand(self, layer.self_attn)
             if self.can_absorb:
                 layer.self_attn.forward = _Attention(self, layer.self_attn)
+        # Blocks in the absorbed form replayed as CUDA graphs (graphs.py): "auto" on CUDA,
+        # "on" on a CPU runs the same padded static blocks eagerly (for tests). use_graphs
+        # may be switched between calls (benchmarks compare both in one process).
+        self.graphs: graphs.Graphs | None = None
+        mode = resolve_graphs(cuda_graphs, self.device)
+        if mode != "off" and self.can_absorb:
+            self.graphs = graphs.Graphs(self, max_slots, capture=mode == "capture")
+        self.use_graphs = self.graphs is not None
 
     def new_kv(self, capacity: int) -> KVBuffer:
-        return KVBuffer(
+        """A buffer for one request: the graphs' arena when it is free and large enough."""
+        kv = None if self.graphs is None else self.graphs.lend(capacity)
+        return kv if kv is not None else self.alloc_kv(capacity)
+
+    def alloc_kv(self, capacity: int) -> KVBuffer:
+        return KVBuffer.zeros(
             self.num_layers, capacity, self.rank, self.rope_dim, self.dtype, self.device
         )
 
@@ -231,39 +262,43 @@ class ModelRunner:
         already hold KV. Queries go in blocks of ``prefill_block``: a block sees the slots up
         to its last position, which all earlier blocks have filled. Returns hidden [1, q, h].
         """
+        host = positions.cpu()  # block bounds without a device sync
         positions = positions.to(self.device)
         outs = []
         self.active = kv
         try:
-            hidden = self._blocks(kv, hidden, positions, first, last, outs)
+            hidden = self._blocks(kv, hidden, positions, host, first, last, outs)
         finally:
             self.active = None
-        kv.length = max(kv.length, int(positions[-1]) + 1)
+        kv.length = max(kv.length, int(host[-1]) + 1)
         return hidden
 
-    def _blocks(self, kv, hidden, positions, first, last, outs):
+    def _blocks(self, kv, hidden, positions, host, first, last, outs):
         for b in range(0, positions.numel(), self.prefill_block):
             pos = positions[b : b + self.prefill_block]
             h = hidden[:, b : b + self.prefill_block]
-            visible = int(pos[-1]) + 1
+            visible = int(host[min(b + self.prefill_block, host.numel()) - 1]) + 1
             self.absorbing = self.absorbs(pos.numel())
-            mask = self._mask(pos, visible)
-            cache = _SlotCache(kv, pos, visible)
-            pe = self.model.model.rotary_emb(h, pos[None])
             try:
-                for layer in self.layers[first:last]:
-                    h = layer(
-                        h,
-                        attention_mask=mask,
-                        position_ids=pos[None],
-                        past_key_values=cache,
-                        use_cache=True,
-                        position_embeddings=pe,
-                    )
+                out = None
+                if self.absorbing and self.use_graphs:
+                    out = self.graphs.run(kv, h, pos, visible, first, last)
+                if out is None:
+                    mask = self._mask(pos, visible)
+                    out = self.layer_stack(h, pos, mask, _SlotCache(kv, pos, visible),
+                                           first, last)
             finally:
                 self.absorbing = False
-            outs.append(h)
+            outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def layer_stack(self, h, pos, mask, cache, first: int, last: int) -> torch.Tensor:
+        """Decoder layers [first, last) for queries h [1, q, hidden] at positions pos [q]."""
+        pe = self.model.model.rotary_emb(h, pos[None])
+        for layer in self.layers[first:last]:
+            h = layer(h, attention_mask=mask, position_ids=pos[None], past_key_values=cache,
+                      use_cache=True, position_embeddings=pe)
+        return h
 
     def absorbs(self, queries: int) -> bool:
         """Whether a block of this many queries attends in the absorbed form."""
@@ -274,8 +309,8 @@ class ModelRunner:
     def _mask(self, pos: torch.Tensor, visible: int):
         """Query at position p sees slots <= p: an additive [1, 1, q, visible] mask (dense and
         absorbed), or a FlexAttention block mask (flex, attention.py)."""
-        if pos.numel() == 1 and int(pos[0]) == visible - 1:
-            return None  # one query at the end sees everything
+        if pos.numel() == 1:
+            return None  # one query, at visible - 1 (run_layers' blocks end there): sees all
         if self.prefill_attention == "flex" and not self.absorbing:
             attention.install(self.model, self.attn_implementation)
             return attention.position_block_mask(pos, visible)
