@@ -6,13 +6,16 @@ Profile:       add --profile FILE (one more pic request, see below)
 
 One process builds the random bf16 checkpoint (presets.build_checkpoint('v2-lite'), on the
 GPU), checks the fused placement kernel against the torch path on the real shapes (placed KV
-slot by slot, then pic's logits) and the engine's attention against the library's dense path
-(logits), then times, for prompts of 8K and 32K tokens and two edits of a warm prompt (a
-changed 200-token header; the same header with the sections in reverse order): full, prefix,
-pic k=0, pic default k and blend 10% with the engine's default attention (the absorbed MLA
-form for blocks of few queries, absorbed.py), pic default k on the library's dense path
-alone, and with --flex on FlexAttention. Each measurement flushes the store, prefills the
-warm prompt with ``full``, then times the edited prompt to its first sampled token (warm-up
+slot by slot, then pic's logits), the engine's attention against the library's dense path
+(logits), and the CUDA-graph blocks against the same blocks run eagerly (logits, greedy
+tokens, decode step time), then times, for prompts of 8K and 32K tokens and two edits of a
+warm prompt (a changed 200-token header; the same header with the sections in reverse
+order): full, prefix, pic k=0, pic default k and blend 10% with the engine's defaults (the
+absorbed MLA form for blocks of few queries, absorbed.py, attending with the fused kernel,
+kernels/mla_attention_triton.py, replayed as CUDA graphs, graphs.py), pic default k without
+the kernel ("torch-att"), without the graphs ("eager"), on the library's dense path alone,
+and with --flex on FlexAttention. Each measurement flushes the store, prefills the warm
+prompt with ``full``, then times the edited prompt to its first sampled token (warm-up
 round + --reps rounds, round-robin, median). A second pass with the device synchronised
 around the placement gives its time and share of TTFT. Prints the table last and writes
 everything to --out.
@@ -67,25 +70,35 @@ class Log:
         self.path.write_text("\n".join(self.lines) + "\n")
 
 
-def cases(k: int, flex: bool) -> list[tuple[str, str, dict, str, bool]]:
-    """(label, policy, policy args, prefill attention, CUDA graphs). The engine's defaults
-    ("auto": absorbed MLA for blocks of few queries, replayed as CUDA graphs, the library's
-    dense path for the rest), then pic without the graphs, on the library's path alone, and
-    with --flex on FlexAttention."""
-    rows = [("full", "full", {}, "auto", True), ("prefix", "prefix", {}, "auto", True),
-            ("pic k=0", "pic", {"k": 0}, "auto", True),
-            (f"pic k={k}", "pic", {"k": k}, "auto", True),
-            ("blend r=0.1", "blend", {"r": 0.1}, "auto", True),
-            (f"pic k={k} eager", "pic", {"k": k}, "auto", False),
-            (f"pic k={k} dense", "pic", {"k": k}, "dense", False)]
+def cases(k: int, flex: bool) -> list[tuple[str, str, dict, tuple[str, bool, bool]]]:
+    """(label, policy, policy args, mode). A mode is (prefill attention, CUDA graphs, fused
+    attention kernel). The engine's defaults (absorbed MLA for blocks of few queries with
+    the fused kernel, replayed as CUDA graphs; the library's dense path for the rest), then
+    pic without the kernel, without the graphs, on the library's path alone, and with --flex
+    on FlexAttention."""
+    on = ("auto", True, True)
+    rows = [("full", "full", {}, on), ("prefix", "prefix", {}, on),
+            ("pic k=0", "pic", {"k": 0}, on), (f"pic k={k}", "pic", {"k": k}, on),
+            ("blend r=0.1", "blend", {"r": 0.1}, on),
+            (f"pic k={k} torch-att", "pic", {"k": k}, ("auto", True, False)),
+            (f"pic k={k} eager", "pic", {"k": k}, ("auto", False, True)),
+            (f"pic k={k} dense", "pic", {"k": k}, ("dense", False, False))]
     if flex:
-        rows.append((f"pic k={k} flex", "pic", {"k": k}, "flex", False))
+        rows.append((f"pic k={k} flex", "pic", {"k": k}, ("flex", False, False)))
     return rows
 
 
-def set_mode(engine: Engine, attention: str, graphs: bool) -> None:
-    engine.runner.prefill_attention = attention
-    engine.runner.use_graphs = graphs and engine.runner.graphs is not None
+DEFAULT_MODE = ("auto", True, True)
+_KERNEL: dict[int, str] = {}  # each runner's configured attention kernel
+
+
+def set_mode(engine: Engine, mode: tuple[str, bool, bool]) -> None:
+    attention, graphs, kernel = mode
+    r = engine.runner
+    base = _KERNEL.setdefault(id(r), r.attention_kernel)
+    r.prefill_attention = attention
+    r.use_graphs = graphs and r.graphs is not None
+    r.attention_kernel = base if kernel else "torch"
 
 
 def prompts(engine: Engine, n: int, corpus: np.ndarray):
@@ -109,9 +122,9 @@ def sync(engine: Engine) -> None:
         torch.cuda.synchronize()
 
 
-def timed_request(engine, warm, edit, policy, args, attention, graphs=True):
+def timed_request(engine, warm, edit, policy, args, mode=DEFAULT_MODE):
     engine.flush_cache()
-    set_mode(engine, attention, graphs)
+    set_mode(engine, mode)
     engine.prefill(warm[0], anchors=warm[1], policy="full")
     sync(engine)
     t0 = time.perf_counter()
@@ -120,7 +133,7 @@ def timed_request(engine, warm, edit, policy, args, attention, graphs=True):
     return time.perf_counter() - t0, out.counts
 
 
-def place_seconds(engine, warm, edit, policy, args, attention, graphs=True) -> float:
+def place_seconds(engine, warm, edit, policy, args, mode=DEFAULT_MODE) -> float:
     """One more request with the device synchronised around the placement."""
     spent = []
     inner = prefill_mod.place
@@ -134,7 +147,7 @@ def place_seconds(engine, warm, edit, policy, args, attention, graphs=True) -> f
 
     prefill_mod.place = timed
     try:
-        timed_request(engine, warm, edit, policy, args, attention, graphs)
+        timed_request(engine, warm, edit, policy, args, mode)
     finally:
         prefill_mod.place = inner
     return spent[-1]
@@ -198,7 +211,7 @@ def check_attention(engine, warm, edit, k, attentions, log) -> None:
     out = {}
     for attention in attentions:
         for policy, args in (("full", {}), ("pic", {"k": k})):
-            set_mode(engine, attention, True)
+            set_mode(engine, (attention, True, True))
             engine.flush_cache()
             engine.prefill(warm[0], anchors=warm[1], policy="full")
             out[attention, policy] = engine.prefill(edit[0], anchors=edit[1], policy=policy,
@@ -219,7 +232,7 @@ def check_attention(engine, warm, edit, k, attentions, log) -> None:
 def greedy(engine, warm, edit, k, graphs, n):
     """pic's logits and n greedy tokens, with or without the CUDA graphs, and the median
     time of a decode step (the gaps between tokens after the first)."""
-    set_mode(engine, "auto", graphs)
+    set_mode(engine, ("auto", graphs, True))
     engine.flush_cache()
     engine.prefill(warm[0], anchors=warm[1], policy="full")
     logits = engine.prefill(edit[0], anchors=edit[1], policy="pic", policy_args={"k": k}).logits
@@ -293,7 +306,7 @@ def profile_request(engine, warm, edit, k, attention, path: Path, log) -> None:
     cuda = engine.runner.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     engine.flush_cache()
-    set_mode(engine, attention, True)
+    set_mode(engine, (attention, True, True))
     engine.prefill(warm[0], anchors=warm[1], policy="full")  # the warm prompt: not profiled
     sync(engine)
     with step_labels(engine), profile(activities=activities) as prof:
@@ -325,6 +338,8 @@ def main() -> None:
                     help="same code on the CPU with the tiny-mla preset at small sizes")
     ap.add_argument("--sizes", type=int, nargs="+", help="body lengths in tokens")
     ap.add_argument("--reps", type=int, help="timed rounds after the warm-up round")
+    ap.add_argument("--edits", type=lambda v: v.split(","), default=["header", "reorder"],
+                    help="which edits to time, comma-separated (header,reorder)")
     ap.add_argument("--k", type=int, default=16, help="pic's default k")
     ap.add_argument("--model", type=Path, help="an existing checkpoint instead of building one")
     ap.add_argument("--flex", action="store_true",
@@ -334,6 +349,8 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, metavar="FILE",
                     help="after the timed runs, profile one pic request at the first size "
                          "and write torch.profiler's operator tables here")
+    ap.add_argument("--profile-size", type=int, help="body length of the profiled prompt "
+                    "(default: the first of --sizes)")
     a = ap.parse_args()
     log = Log(a.out)
     device = "cpu" if a.smoke else "cuda"
@@ -350,7 +367,9 @@ def main() -> None:
     t_built = time.perf_counter()
     engine = Engine(EngineConfig(
         model_dir=str(a.model), device=device, self_check=False, pic_k=a.k,
-        cache_bytes=8 << 30, max_seq_len=max(32768, 2 * max(sizes) + 4 * HEADER_TOKENS),
+        # the store holds the warm prompt's chunks (~1 GiB at 32K); the context, and so
+        # the CUDA graphs' arena, the longest prompt with room for a few tokens
+        cache_bytes=4 << 30, max_seq_len=max(32768, max(sizes) + 4 * HEADER_TOKENS),
         placement="triton" if interpreted else "auto", cuda_graphs=a.cuda_graphs))
     r = engine.runner
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)"
@@ -382,38 +401,42 @@ def main() -> None:
                 flex_ok = False
         log(f"  checks took {time.perf_counter() - t0:.0f} s")
         for edit_name, edit in edits.items():
+            if edit_name not in a.edits:
+                continue
             cs = cases(a.k, flex_ok)
             times = {c[0]: [] for c in cs}
             counts = {}
             for rep in range(reps + 1):  # round-robin; round 0 warms allocator and compiler
-                for label, policy, args, attention, graphs in cs:
-                    t, counts[label] = timed_request(engine, warm, edit, policy, args,
-                                                     attention, graphs)
+                for label, policy, args, mode in cs:
+                    t, counts[label] = timed_request(engine, warm, edit, policy, args, mode)
                     if rep:
                         times[label].append(t)
-            for label, policy, args, attention, graphs in cs:
-                place = place_seconds(engine, warm, edit, policy, args, attention, graphs)
+            for label, policy, args, mode in cs:
+                place = place_seconds(engine, warm, edit, policy, args, mode)
                 med = statistics.median(times[label])
                 c = counts[label]
                 rows.append((len(edit[0]), edit_name, label, c, med, place))
-                log(f"  {edit_name:<8}{label:<16} TTFT {med * 1e3:8.1f} ms  place "
+                log(f"  {edit_name:<8}{label:<20} TTFT {med * 1e3:8.1f} ms  place "
                     f"{place * 1e3:6.2f} ms ({place / med:5.1%})  recomputed "
                     f"{c.recomputed_tokens + c.new_tokens} of {c.prompt_tokens}")
+            if device == "cuda":
+                log(f"  GPU memory: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
+                    f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     log(f"\n# total {time.perf_counter() - t_start:.0f} s on {where}; TTFT = prefill + first "
         f"token, median of {reps}; place = placement with the device synced at its edges")
-    log(f"{'prompt':>7} {'edit':<8}{'case':<16}{'exact':>6}{'reused':>7}{'recomp':>7}"
+    log(f"{'prompt':>7} {'edit':<8}{'case':<20}{'exact':>6}{'reused':>7}{'recomp':>7}"
         f"{'new':>6}{'TTFT ms':>9}{'vs prefix':>10}{'place ms':>9}{'share':>7}")
     for n, edit_name, label, c, med, place in rows:
         prefix = next(m for nn, e, lab, _, m, _ in rows
                       if nn == n and e == edit_name and lab.startswith("prefix"))
-        log(f"{n:>7} {edit_name:<8}{label:<16}{c.exact_prefix_tokens:>6}{c.reused_tokens:>7}"
+        log(f"{n:>7} {edit_name:<8}{label:<20}{c.exact_prefix_tokens:>6}{c.reused_tokens:>7}"
             f"{c.recomputed_tokens:>7}{c.new_tokens:>6}{med * 1e3:>9.1f}{prefix / med:>9.2f}x"
             f"{place * 1e3:>9.2f}{place / med:>7.1%}")
     for n, eager_step, graph_step in decode:
         log(f"decode step at {n} tokens: {eager_step * 1e3:.2f} ms eager, "
             f"{graph_step * 1e3:.2f} ms as CUDA graphs ({eager_step / graph_step:.1f}x)")
     if a.profile is not None:
-        warm, edits = prompts(engine, sizes[0], corpus)
+        warm, edits = prompts(engine, a.profile_size or sizes[0], corpus)
         profile_request(engine, warm, edits["header"], a.k, "auto", a.profile, log)
 
 

@@ -175,3 +175,20 @@ def test_a_rewritten_slot_drops_its_per_head_memo(yarn_model):  # noqa: F811
 def test_config_names_a_bad_mode():
     with pytest.raises(ValueError, match="cuda_graphs"):
         EngineConfig(model_dir="x", cuda_graphs="always")
+
+
+def test_the_per_head_memo_covers_the_request_not_the_arena(yarn_model):  # noqa: F811
+    """A buffer over the arena sizes the dense path's per-head memo by what the request
+    asked for, and grows it (keeping what it holds) when more slots are used."""
+    r = _engine(yarn_model, "on").runner
+    ids = torch.randint(10, 4000, (300,), generator=torch.Generator().manual_seed(5))
+    kv = r.new_kv(100)
+    assert r.graphs.owns(kv) and kv.capacity == r.graphs.scratch
+    got = r.run_layers(kv, r.embed(ids[:256]), torch.arange(256), 0, r.num_layers)
+    got2 = r.run_layers(kv, r.embed(ids[256:]), torch.arange(256, 300), 0, r.num_layers)
+    assert 256 <= kv.keys[0].shape[2] < kv.capacity
+    ref = r.alloc_kv(300)
+    want = r.run_layers(ref, r.embed(ids[:256]), torch.arange(256), 0, r.num_layers)
+    want2 = r.run_layers(ref, r.embed(ids[256:]), torch.arange(256, 300), 0, r.num_layers)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got2, want2, atol=2e-4, rtol=1e-4)

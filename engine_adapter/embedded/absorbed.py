@@ -77,12 +77,15 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def absorbed_attention(attn: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
-                       cache, position_embeddings, rope) -> torch.Tensor:
+                       cache, position_embeddings, rope,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
     """One attention module's output [1, q, hidden] for queries ``hidden`` [1, q, hidden].
 
     ``cache.update(c_kv, k_pe, layer)`` writes the queries' own latents into their slots and
     returns the visible slots' ([1, 1, t, rank], [1, 1, t, rope_dim]); ``mask`` is the
-    additive [1, 1, q, t] mask (None: every query sees every visible slot)."""
+    additive [1, 1, q, t] mask (None: every query sees every visible slot). With the queries'
+    ``positions`` [q] the fused kernel (kernels/mla_attention_triton.py) attends instead, each
+    query seeing the slots up to its position (the mask is then unused)."""
     _, q, _ = hidden.shape
     heads, nope, rdim = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     vdim, rank = attn.v_head_dim, attn.kv_lora_rank
@@ -97,24 +100,37 @@ def absorbed_attention(attn: nn.Module, hidden: torch.Tensor, mask: torch.Tensor
     q_pe, k_pe = rope(q_pe, k_pe.view(1, 1, q, rdim), position_embeddings)
     c_all, pe_all = cache.update(c, k_pe, attn.layer_idx)
     latent, rot = c_all[0, 0], pe_all[0, 0]  # [t, rank], [t, rope_dim]
-    t = latent.shape[0]
-
     w = attn.kv_b_proj.weight.view(heads, nope + vdim, rank)
     w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, rank], [H, v, rank]
     q_lat = torch.bmm(q_nope[0], w_uk)  # [H, q, rank]
+    if positions is not None:
+        from ...kernels.mla_attention_triton import mla_attention_triton
+
+        o_lat = mla_attention_triton(q_lat, q_pe[0], latent, rot, positions, attn.scaling)
+    else:
+        o_lat = attend(q_lat, q_pe[0], latent, rot, mask, attn.scaling)
+    out = torch.bmm(o_lat, w_uv.transpose(1, 2))  # [H, q, v]
+    return attn.o_proj(out.transpose(0, 1).reshape(1, q, heads * vdim))
+
+
+def attend(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, rot: torch.Tensor,
+           mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """The torch form of the absorbed attention: o_lat [H, q, rank] for q_lat [H, q, rank],
+    q_pe [H, q, rope_dim] over latent [t, rank] / rot [t, rope_dim] under the additive mask
+    [1, 1, q, t] (None: all visible). Scores are materialised in float32, heads in groups
+    within SCORE_BYTES."""
+    heads, q, rank = q_lat.shape
+    t = latent.shape[0]
     bias = None if mask is None else mask[0, 0].float()
-    # the float32 scores of a group of heads at a time, within SCORE_BYTES
     step = max(1, SCORE_BYTES // (q * t * 4))
     parts = []
     for h0 in range(0, heads, step):
         h1 = min(heads, h0 + step)
         scores = (_mm_f32(q_lat[h0:h1].reshape(-1, rank), latent.T)
-                  + _mm_f32(q_pe[0, h0:h1].reshape(-1, rdim), rot.T))
-        scores = scores.view(h1 - h0, q, t).mul_(attn.scaling)
+                  + _mm_f32(q_pe[h0:h1].reshape(-1, q_pe.shape[-1]), rot.T))
+        scores = scores.view(h1 - h0, q, t).mul_(scaling)
         if bias is not None:
             scores.add_(bias)
         probs = scores.softmax(dim=-1).to(latent.dtype).view(-1, t)
         parts.append((probs @ latent).view(h1 - h0, q, rank))
-    o_lat = parts[0] if len(parts) == 1 else torch.cat(parts)
-    out = torch.bmm(o_lat, w_uv.transpose(1, 2))  # [H, q, v]
-    return attn.o_proj(out.transpose(0, 1).reshape(1, q, heads * vdim))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

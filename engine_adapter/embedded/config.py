@@ -78,6 +78,8 @@ class EngineConfig:
     # graphs over an arena of max_seq_len slots (graphs.py): auto (on CUDA)|on|off. "on" on
     # a CPU runs the same padded blocks eagerly: the tests' check of that logic.
     cuda_graphs: str = "auto"
+    # The absorbed form's attention: auto (the fused Triton kernel on CUDA)|torch|triton.
+    attention_kernel: str = "auto"
     self_check: bool = True
     check_rope_tol: float = 1e-5
     # None: the model's irminsul.json, else gate.BUILTIN (1.0, 0.0, 4; audits 1.0, 0.0).
@@ -102,6 +104,7 @@ class EngineConfig:
                               ("attn_implementation", ATTENTION), ("placement", PLACEMENTS),
                               ("prefill_attention", PREFILL_ATTENTION),
                               ("cuda_graphs", CUDA_GRAPHS),
+                              ("attention_kernel", PLACEMENTS),
                               ("clip_device", ("cpu", "cuda"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(

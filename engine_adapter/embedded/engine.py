@@ -100,7 +100,7 @@ class Engine:
                                   config.attn_implementation, config.prefill_block,
                                   config.placement, config.prefill_attention,
                                   config.absorbed_max_queries, config.cuda_graphs,
-                                  config.max_seq_len)
+                                  config.max_seq_len, config.attention_kernel)
         self.tokenizer = ModelTokenizer.from_dir(root)
         if self.tokenizer.vocab_size > self.runner.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's "

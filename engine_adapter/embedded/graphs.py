@@ -103,7 +103,7 @@ class Graphs:
         self.scratch = slot_bucket(max_slots)
         self.arena = runner.alloc_kv(self.scratch + 1)
         self._lent: weakref.ref | None = None
-        self._recorded: dict[tuple[int, int, int, int], _Recorded] = {}
+        self._recorded: dict[tuple[int, int, int, int, bool], _Recorded] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.failed: str | None = None  # why recording stopped (then every block is eager)
         self.replays = 0
@@ -118,7 +118,7 @@ class Graphs:
             return None
         # views without the scratch slot: a buffer that must grow past it moves out
         kv = type(self.arena)(self.arena.c_kv[:, : self.scratch],
-                              self.arena.k_pe[:, : self.scratch], arena=self)
+                              self.arena.k_pe[:, : self.scratch], arena=self, wanted=capacity)
         self._lent = weakref.ref(kv)
         return kv
 
@@ -136,7 +136,8 @@ class Graphs:
         if self.failed is not None or not self.owns(kv) or slots > self.scratch:
             self.eager_blocks += 1
             return None
-        key = (first, last, query_bucket(q), slots)
+        # the attention kernel is chosen per block (model_runner.fused_pays): part of the shape
+        key = (first, last, query_bucket(q), slots, self.runner.fusing)
         rec = self._recorded.get(key)
         fresh = rec is None
         if fresh:
@@ -161,8 +162,8 @@ class Graphs:
         kv.expanded[first:last, positions] = False
         return out
 
-    def _new(self, key: tuple[int, int, int, int]) -> _Recorded:
-        first, last, queries, slots = key
+    def _new(self, key: tuple[int, int, int, int, bool]) -> _Recorded:
+        first, last, queries, slots, _ = key
         r = self.runner
         hidden = torch.zeros(1, queries, r.config.hidden_size, dtype=r.dtype, device=r.device)
         positions = torch.zeros(queries, dtype=torch.long, device=r.device)

@@ -20,6 +20,23 @@ from ...kernels.rope import RopeSpec, apply_rope
 from . import absorbed, attention, graphs
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# Which form of the absorbed attention is faster for a block (bench/mla_attention_bench.py,
+# H100, bench/results/2026-11-23-h100-mla_attention.txt). The torch form costs about the
+# same per (query, visible slot) pair whatever the positions: ~3.8e-7 ms for 16 heads. The
+# fused kernel walks, per query, only the slots up to its position, ~0.8 of that cost per
+# pair seen, but one program walks one query's slots in sequence: ~4.5e-5 ms per slot on the
+# longest walk, ~120 pairs' worth. So the kernel pays when
+#     max(WALK_COST x longest walk, PAIR_COST x pairs seen) < queries x visible slots:
+# many queries (pic's ~200 recomputed tokens), or queries that see few slots; a decode step
+# or a few carve-outs spread over the prompt take the torch form.
+WALK_COST, PAIR_COST = 120, 0.8
+
+
+def fused_pays(positions: torch.Tensor, visible: int) -> bool:
+    """The rule above for one block's query positions (on the host)."""
+    reach = positions.clamp(max=visible - 1) + 1
+    kernel = max(WALK_COST * int(reach.max()), PAIR_COST * int(reach.sum()))
+    return kernel < positions.numel() * visible
 
 
 class KVBuffer:
@@ -27,13 +44,18 @@ class KVBuffer:
 
     Slot i holds the token at position i. ``length`` is how many leading slots are valid.
     ``keys``/``values`` memoise each layer's per-head expansion of the latents (the library's
-    expand_kv), valid where ``expanded`` is set; a write to a slot's latents clears it.
+    expand_kv), valid where ``expanded`` is set; a write to a slot's latents clears it. They
+    cover the slots a request asked for (``wanted``), growing past it only when used: a buffer
+    over the CUDA graphs' arena has room for the longest context, and a per-head memo that
+    large (~9x the latents) does not fit beside it.
     """
 
-    def __init__(self, c_kv: torch.Tensor, k_pe: torch.Tensor, arena=None):
+    def __init__(self, c_kv: torch.Tensor, k_pe: torch.Tensor, arena=None,
+                 wanted: int | None = None):
         self.c_kv, self.k_pe = c_kv, k_pe
         self.arena = arena  # the graphs.Graphs whose arena these tensors are, if any
         layers, capacity = c_kv.shape[:2]
+        self.wanted = capacity if wanted is None else min(wanted, capacity)
         self.length = 0
         self.expanded = torch.zeros(layers, capacity, dtype=torch.bool, device=c_kv.device)
         self.keys: list[torch.Tensor | None] = [None] * layers
@@ -65,8 +87,7 @@ class KVBuffer:
         self.c_kv, self.k_pe = grown(self.c_kv, 1), grown(self.k_pe, 1)
         self.arena = None  # moved out of it: graphs no longer apply
         self.expanded = grown(self.expanded, 1)
-        self.keys = [None if k is None else grown(k, 2) for k in self.keys]
-        self.values = [None if v is None else grown(v, 2) for v in self.values]
+        self.wanted = max(self.wanted, slots)  # the memo grows when used (_MemoExpand)
 
 
 class _SlotCache:
@@ -101,10 +122,14 @@ class _MemoExpand:
         todo = torch.nonzero(~kv.expanded[layer, :t]).squeeze(1)
         if todo.numel():
             k, v = self.inner(kv_nope[:, :, todo], k_rot[:, :, todo])
-            if kv.keys[layer] is None:
-                shape = (1, k.shape[1], kv.capacity)
-                kv.keys[layer] = k.new_empty(*shape, k.shape[-1])
-                kv.values[layer] = v.new_empty(*shape, v.shape[-1])
+            held = 0 if kv.keys[layer] is None else kv.keys[layer].shape[2]
+            if held < t:  # first use, or slots past the memo: (re)allocate, keeping it
+                size = min(kv.capacity, max(t, kv.wanted, 2 * held))
+                for memo, new in ((kv.keys, k), (kv.values, v)):
+                    grown = new.new_empty(1, new.shape[1], size, new.shape[-1])
+                    if held:
+                        grown[:, :, :held] = memo[layer]
+                    memo[layer] = grown
             kv.keys[layer][:, :, todo] = k
             kv.values[layer][:, :, todo] = v
             kv.expanded[layer, todo] = True
@@ -124,9 +149,10 @@ class _Attention:
             return self.inner(*args, **kwargs)
         # the decoder layers the runner drives pass these by name (V2 and V3 alike)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        positions = kwargs["position_ids"][0] if self.runner.fusing else None
         return absorbed.absorbed_attention(
             self.attn, hidden, kwargs.get("attention_mask"), kwargs.get("past_key_values"),
-            kwargs.get("position_embeddings"), self.rope), None
+            kwargs.get("position_embeddings"), self.rope, positions), None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -137,20 +163,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_placement(placement: str, device: torch.device) -> str:
+def resolve_placement(placement: str, device: torch.device, name: str = "placement") -> str:
     """auto: the fused Triton kernel on CUDA when Triton imports, else the torch path.
-    "triton" on a CPU runs only under Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
+    "triton" on a CPU runs only under Triton's interpreter (TRITON_INTERPRET=1, for tests).
+    The same rule picks the attention kernel (``name`` says which in errors)."""
     from ...kernels.materialize import triton_available
 
     if placement == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if placement == "triton":
         if not triton_available():
-            raise ValueError("placement 'triton' needs Triton installed (pip install triton)")
+            raise ValueError(f"{name} 'triton' needs Triton installed (pip install triton)")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("placement 'triton' on a CPU needs TRITON_INTERPRET=1")
+            raise ValueError(f"{name} 'triton' on a CPU needs TRITON_INTERPRET=1")
     elif placement != "torch":
-        raise ValueError(f"placement must be auto, torch or triton, got {placement!r}")
+        raise ValueError(f"{name} must be auto, torch or triton, got {placement!r}")
     return placement
 
 
@@ -184,6 +211,7 @@ class ModelRunner:
         absorbed_max_queries: int = 512,
         cuda_graphs: str = "off",
         max_slots: int = 32768,
+        attention_kernel: str = "auto",
     ):
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -218,8 +246,14 @@ class ModelRunner:
         # against 1.40 s dense: bench/results/2026-11-23-h100-gpu_ttft.txt, -v2lite-ttft.txt).
         self.prefill_attention = prefill_attention
         self.absorbed_max_queries = absorbed_max_queries
+        # The absorbed form's attention itself: "triton", the fused kernel
+        # (kernels/mla_attention_triton.py) for blocks where it pays (fused_pays); "torch",
+        # float32 scores materialised (absorbed.attend). auto: triton on CUDA.
+        self.attention_kernel = resolve_placement(attention_kernel, self.device,
+                                                  "attention_kernel")
         self.active: KVBuffer | None = None  # the buffer run_layers is working on
         self.absorbing = False  # the block being run uses the absorbed form
+        self.fusing = False  # ... and attends with the fused kernel
         self.can_absorb = all(absorbed.supports(layer.self_attn) for layer in self.layers)
         for layer in self.layers:
             layer.self_attn.expand_kv = _MemoExpand(self, layer.self_attn)
@@ -279,6 +313,8 @@ class ModelRunner:
             h = hidden[:, b : b + self.prefill_block]
             visible = int(host[min(b + self.prefill_block, host.numel()) - 1]) + 1
             self.absorbing = self.absorbs(pos.numel())
+            self.fusing = self.absorbing and self.fused_attention(
+                host[b : b + self.prefill_block], visible)
             try:
                 out = None
                 if self.absorbing and self.use_graphs:
@@ -288,7 +324,7 @@ class ModelRunner:
                     out = self.layer_stack(h, pos, mask, _SlotCache(kv, pos, visible),
                                            first, last)
             finally:
-                self.absorbing = False
+                self.absorbing = self.fusing = False
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -299,6 +335,11 @@ class ModelRunner:
             h = layer(h, attention_mask=mask, position_ids=pos[None], past_key_values=cache,
                       use_cache=True, position_embeddings=pe)
         return h
+
+    def fused_attention(self, positions: torch.Tensor, visible: int) -> bool:
+        """Whether an absorbed block of queries at these host positions attends with the
+        fused kernel (rule: fused_pays)."""
+        return self.attention_kernel == "triton" and fused_pays(positions, visible)
 
     def absorbs(self, queries: int) -> bool:
         """Whether a block of this many queries attends in the absorbed form."""
