@@ -122,15 +122,22 @@ def sync(engine: Engine) -> None:
         torch.cuda.synchronize()
 
 
+def recordings(engine) -> int:
+    g = engine.runner.graphs
+    return 0 if g is None else g.stats()["recordings"]
+
+
 def timed_request(engine, warm, edit, policy, args, mode=DEFAULT_MODE):
+    """(seconds to the first token, counts, CUDA graphs recorded inside the timed span)."""
     engine.flush_cache()
     set_mode(engine, mode)
     engine.prefill(warm[0], anchors=warm[1], policy="full")
     sync(engine)
+    before = recordings(engine)
     t0 = time.perf_counter()
     out = next(iter(engine.generate(edit[0], SamplingParams(max_new_tokens=1), anchors=edit[1],
                                     policy=policy, policy_args=args)))
-    return time.perf_counter() - t0, out.counts
+    return time.perf_counter() - t0, out.counts, recordings(engine) - before
 
 
 def place_seconds(engine, warm, edit, policy, args, mode=DEFAULT_MODE) -> float:
@@ -405,20 +412,26 @@ def main() -> None:
                 continue
             cs = cases(a.k, flex_ok)
             times = {c[0]: [] for c in cs}
-            counts = {}
+            counts, recorded = {}, dict.fromkeys(times, 0)
             for rep in range(reps + 1):  # round-robin; round 0 warms allocator and compiler
                 for label, policy, args, mode in cs:
-                    t, counts[label] = timed_request(engine, warm, edit, policy, args, mode)
+                    t, counts[label], new = timed_request(engine, warm, edit, policy, args, mode)
                     if rep:
                         times[label].append(t)
+                        recorded[label] += new
             for label, policy, args, mode in cs:
                 place = place_seconds(engine, warm, edit, policy, args, mode)
                 med = statistics.median(times[label])
                 c = counts[label]
                 rows.append((len(edit[0]), edit_name, label, c, med, place))
+                # every round and any graph recorded after the warm-up round: a median of
+                # few rounds hides neither an outlier nor a shape recorded while timed
                 log(f"  {edit_name:<8}{label:<20} TTFT {med * 1e3:8.1f} ms  place "
                     f"{place * 1e3:6.2f} ms ({place / med:5.1%})  recomputed "
-                    f"{c.recomputed_tokens + c.new_tokens} of {c.prompt_tokens}")
+                    f"{c.recomputed_tokens + c.new_tokens} of {c.prompt_tokens}  rounds "
+                    + "/".join(f"{x * 1e3:.1f}" for x in times[label])
+                    + (f"  RECORDED {recorded[label]} graphs while timed"
+                       if recorded[label] else ""))
             if device == "cuda":
                 log(f"  GPU memory: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
                     f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

@@ -8,10 +8,10 @@ recomputed header: positions 0..q-1) or spread over it (chunk starts: sorted ran
 positions). Each row checks the kernel against the float32 reference
 (kernels/mla_attention.py) and times it against the engine's torch form
 (engine_adapter/embedded/absorbed.attend, which the engine ran before the kernel) with CUDA
-events, median of --reps after a warm-up. The engine picks the form per block by a cost
-rule (model_runner.fused_pays) whose constants come from this table; each row gives
-queries x slots over the pairs the kernel walks (work) and says whether the rule picks the
-faster form.
+events, median of --reps after a warm-up: the kernel with one program per query's slots and
+with the splits the engine would use (kernels/mla_attention.splits_for). The engine picks the
+form per block by a cost model (model_runner.attention_costs) fitted to this table; each row
+prints the model's predictions beside the measurements and the form it would pick.
 """
 
 from __future__ import annotations
@@ -25,21 +25,21 @@ from pathlib import Path
 import torch
 
 from irminsul.engine_adapter.embedded.absorbed import attend
-from irminsul.engine_adapter.embedded.model_runner import fused_pays
+from irminsul.engine_adapter.embedded.model_runner import attention_costs
 from irminsul.kernels.mla_attention import mla_attention_ref
 from irminsul.kernels.mla_attention_triton import mla_attention_triton
 
 HEADS, RANK, ROPE = 16, 512, 64
 
 
-def timed(reps: int, fn, *args) -> float:
-    fn(*args)
+def timed(reps: int, fn, *args, **kwargs) -> float:
+    fn(*args, **kwargs)
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn(*args)
+        fn(*args, **kwargs)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
@@ -92,8 +92,8 @@ def main() -> None:
              f"# command: {' '.join(sys.argv)}",
              (f"# {HEADS} heads, rank {RANK}, rope {ROPE}, bf16; one layer's attention; CUDA "
               f"events, median of {a.reps}; err = max|kernel - float32 reference| / max|ref|"),
-             (f"{'T':>6} {'q':>4} {'layout':<7}{'torch ms':>9}{'kernel ms':>10}"
-              f"{'speed-up':>9}{'err':>9}{'work':>7}  rule (model_runner.fused_pays)")]
+             (f"{'T':>6} {'q':>4} {'layout':<7}{'torch ms (model)':>17}{'kernel 1 split':>15}"
+              f"{'kernel ms (model) splits':>25}{'err':>9}  attention_costs picks")]
     print("\n".join(lines), flush=True)
     scale = 1.0 / (RANK ** 0.5)
     if a.sweep:
@@ -107,18 +107,20 @@ def main() -> None:
                 mask.masked_fill_(slots[None, :] > pos[:, None],
                                   torch.finfo(torch.bfloat16).min)
                 mask = mask[None, None]
+                host = pos.cpu()
+                m_torch, m_kernel, splits = attention_costs(host, t, HEADS, RANK)
                 ref = mla_attention_ref(ql, qp, lat, rot, pos, scale).float()
-                got = mla_attention_triton(ql, qp, lat, rot, pos, scale).float()
+                got = mla_attention_triton(ql, qp, lat, rot, pos, scale, splits=splits).float()
                 err = ((got - ref).abs().max() / ref.abs().max()).item()
                 t_torch = timed(a.reps, attend, ql, qp, lat, rot, mask, scale)
-                t_kernel = timed(a.reps, mla_attention_triton, ql, qp, lat, rot, pos, scale)
-                host = pos.cpu()
-                work = q * t / (int(host.clamp(max=t - 1).sum()) + q)
-                pick = fused_pays(host, t)
-                right = pick == (t_kernel < t_torch)
-                line = (f"{t:>6} {q:>4} {layout:<7}{t_torch:>9.3f}{t_kernel:>10.3f}"
-                        f"{t_torch / t_kernel:>8.1f}x{err:>9.1e}{work:>7.1f}  "
-                        f"{'kernel' if pick else 'torch'}{'' if right else ' (the slower)'}")
+                t_one = timed(a.reps, mla_attention_triton, ql, qp, lat, rot, pos, scale)
+                t_split = timed(a.reps, mla_attention_triton, ql, qp, lat, rot, pos, scale,
+                                splits=splits)
+                pick = "kernel" if m_kernel < m_torch else "torch"
+                right = (t_split < t_torch) == (pick == "kernel")
+                line = (f"{t:>6} {q:>4} {layout:<7}{t_torch:>8.3f} ({m_torch:6.3f})"
+                        f"{t_one:>15.3f}{t_split:>10.3f} ({m_kernel:6.3f}) {splits:>5}"
+                        f"{err:>9.1e}  {pick}{'' if right else ' (the slower)'}")
                 lines.append(line)
                 print(line, flush=True)
                 a.out.write_text("\n".join(lines) + "\n")

@@ -19,6 +19,22 @@ from __future__ import annotations
 
 import torch
 
+# The fused kernel splits a query's slots across programs in runs of at least SPLIT_SLOTS,
+# its partial results (float32, padded_width(rank) per row and split) within PARTIAL_BYTES.
+SPLIT_SLOTS, PARTIAL_BYTES = 1024, 128 << 20
+
+
+def padded_width(n: int) -> int:
+    """The kernel's tile width for a feature dimension: a power of two, at least 16."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def splits_for(reach: int, rows: int, rank: int) -> int:
+    """How many programs share the longest walk, ``reach`` slots, of ``rows`` (head, query)
+    rows: one per SPLIT_SLOTS slots, fewer when the partial results would pass PARTIAL_BYTES."""
+    cap = max(1, PARTIAL_BYTES // (rows * padded_width(rank) * 4))
+    return max(1, min(-(-reach // SPLIT_SLOTS), cap))
+
 
 def check_args(q_lat, q_pe, latent, rot, positions) -> None:
     """The shapes both forms rely on; raises ValueError naming the problem."""

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from irminsul.kernels.mla_attention import check_args
+from irminsul.kernels.mla_attention import check_args, padded_width
 
 
 @triton.jit
@@ -42,10 +42,13 @@ def _step(start, ql, qp, m, den, acc, limit, KL, KP, s_kl, s_kp, T, scale_log2e,
         s = tl.dot(ql, tl.trans(kl))
         s += tl.dot(qp, tl.trans(kp))
     s = tl.where(cols[None, :] < limit[:, None], s * scale_log2e, float("-inf"))
-    # slot 0 is in every row's first block, so m is finite from the first step on
+    # A row may see none of these slots yet (a split that starts past its position while a
+    # neighbour in the tile reaches further): its max stays -inf, and exp2 is taken against 0
+    # then, so it keeps zero weight instead of becoming -inf - -inf = NaN.
     m_new = tl.maximum(m, tl.max(s, axis=1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
     den = den * alpha + tl.sum(p, axis=1)
     if IEEE:
         pv = tl.dot(p.to(kl.dtype), kl, input_precision="ieee")
@@ -56,21 +59,26 @@ def _step(start, ql, qp, m, den, acc, limit, KL, KP, s_kl, s_kp, T, scale_log2e,
 
 @triton.jit
 def _mla_attention_kernel(
-    QL, QP, KL, KP, POS, O,
+    QL, QP, KL, KP, POS, O, PM, PD, PACC,
     s_qlh, s_qlq, s_qph, s_qpq, s_kl, s_kp, s_oh, s_oq,
-    rows_total, heads, T, scale_log2e,
+    rows_total, heads, T, split, scale_log2e,
     RANK: tl.constexpr, ROPE: tl.constexpr, RANK_P: tl.constexpr, ROPE_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-    INTERPRET: tl.constexpr, STAGES: tl.constexpr,
+    INTERPRET: tl.constexpr, STAGES: tl.constexpr, PARTIAL: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Program (tile, s) attends the tile's rows over slots [s * split, (s + 1) * split).
+    With PARTIAL it leaves its running max, denominator and unnormalised sum in PM / PD /
+    PACC for combine(); without (one split) it writes the normalised output to O."""
+    tile = tl.program_id(0)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = rows < rows_total
     qi = tl.where(valid, rows // heads, 0)
     h = rows % heads
     pos = tl.load(POS + qi, mask=valid, other=0)
     # slots a row sees: 0..pos, or slot 0 alone past the buffer (padded rows) or off the end
     limit = tl.where(valid & (pos < T), pos + 1, 1)
-    hi = tl.max(limit, axis=0)  # the tile's reach: blocks past it are never loaded
+    lo = tl.program_id(1) * split
+    hi = tl.minimum(tl.max(limit, axis=0), lo + split)  # blocks past the reach: never loaded
     dr = tl.arange(0, RANK_P)
     dp = tl.arange(0, ROPE_P)
     in_r = dr < RANK
@@ -84,47 +92,81 @@ def _mla_attention_kernel(
     acc = tl.zeros([BLOCK_M, RANK_P], tl.float32)
     if INTERPRET:
         # Triton's interpreter (the CPU tests) cannot bound range() by a runtime value
-        start = hi * 0
+        start = lo
         while start < hi:
             m, den, acc = _step(start, ql, qp, m, den, acc, limit, KL, KP, s_kl, s_kp, T,
                                 scale_log2e, dr, dp, in_r, in_p, BLOCK_N, IEEE)
             start += BLOCK_N
     else:
         # a for loop, which the compiler software-pipelines (a while loop it does not)
-        for start in tl.range(0, hi, BLOCK_N, num_stages=STAGES):
+        for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
             m, den, acc = _step(start, ql, qp, m, den, acc, limit, KL, KP, s_kl, s_kp, T,
                                 scale_log2e, dr, dp, in_r, in_p, BLOCK_N, IEEE)
-    out = acc / den[:, None]
-    tl.store(O + h[:, None] * s_oh + qi[:, None] * s_oq + dr[None, :],
-             out.to(O.dtype.element_ty), mask=valid[:, None] & in_r[None, :])
+    if PARTIAL:
+        at = tl.program_id(1) * rows_total + rows
+        tl.store(PM + at, m, mask=valid)
+        tl.store(PD + at, den, mask=valid)
+        tl.store(PACC + at[:, None] * RANK_P + dr[None, :], acc, mask=valid[:, None])
+    else:
+        out = acc / den[:, None]
+        tl.store(O + h[:, None] * s_oh + qi[:, None] * s_oq + dr[None, :],
+                 out.to(O.dtype.element_ty), mask=valid[:, None] & in_r[None, :])
 
 
 BLOCK_M, BLOCK_N, WARPS, STAGES = 16, 64, 4, 2
-
-
 def mla_attention_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                          rot: torch.Tensor, positions: torch.Tensor, scale: float,
                          block_m: int = BLOCK_M, block_n: int = BLOCK_N,
-                         warps: int = WARPS, stages: int = STAGES) -> torch.Tensor:
-    """[H, q, rank] in latent's dtype (see kernels/mla_attention.py for the semantics)."""
+                         warps: int = WARPS, stages: int = STAGES,
+                         splits: int = 1) -> torch.Tensor:
+    """[H, q, rank] in latent's dtype (see kernels/mla_attention.py for the semantics).
+    ``splits`` > 1 divides every query's slots among that many programs and combines their
+    partial softmaxes (flash-decoding): the longest walk, not the total work, bounds a block
+    with a query far into the context (splits_for chooses it from the host's positions)."""
     check_args(q_lat, q_pe, latent, rot, positions)
     heads, q, rank = q_lat.shape
     rope = q_pe.shape[2]
     for name, t in (("q_lat", q_lat), ("q_pe", q_pe), ("latent", latent), ("rot", rot)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name}'s last dimension must be contiguous")
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
     q_lat, q_pe = q_lat.to(latent.dtype), q_pe.to(latent.dtype)
-    out = torch.empty(heads, q, rank, dtype=latent.dtype, device=latent.device)
-    pos = positions.to(device=latent.device, dtype=torch.int64).contiguous()
+    t = latent.shape[0]
+    dev = latent.device
+    out = torch.empty(heads, q, rank, dtype=latent.dtype, device=dev)
+    pos = positions.to(device=dev, dtype=torch.int64).contiguous()
     rows = heads * q
-    grid = (triton.cdiv(rows, block_m),)
-    _mla_attention_kernel[grid](
-        q_lat, q_pe, latent, rot, pos, out,
+    width = padded_width(rank)
+    split = triton.cdiv(triton.cdiv(t, splits), block_n) * block_n  # whole blocks a program
+    n = triton.cdiv(t, split)
+    partial = n > 1
+    if partial:
+        pm = torch.empty(n, rows, dtype=torch.float32, device=dev)
+        pd = torch.empty(n, rows, dtype=torch.float32, device=dev)
+        pacc = torch.empty(n, rows, width, dtype=torch.float32, device=dev)
+    else:
+        pm = pd = pacc = out  # unused
+    _mla_attention_kernel[(triton.cdiv(rows, block_m), n)](
+        q_lat, q_pe, latent, rot, pos, out, pm, pd, pacc,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         latent.stride(0), rot.stride(0), out.stride(0), out.stride(1),
-        rows, heads, latent.shape[0], scale * 1.4426950408889634,
-        RANK=rank, ROPE=rope, RANK_P=max(16, triton.next_power_of_2(rank)),
-        ROPE_P=max(16, triton.next_power_of_2(rope)), BLOCK_M=block_m, BLOCK_N=block_n,
-        IEEE=latent.dtype == torch.float32,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", STAGES=stages, num_warps=warps)
+        rows, heads, t, split, scale * 1.4426950408889634,
+        RANK=rank, ROPE=rope, RANK_P=width, ROPE_P=padded_width(rope),
+        BLOCK_M=block_m, BLOCK_N=block_n, IEEE=latent.dtype == torch.float32,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", STAGES=stages, PARTIAL=partial,
+        num_warps=warps)
+    if partial:
+        combine(pm, pd, pacc, out)
     return out
+
+
+def combine(pm: torch.Tensor, pd: torch.Tensor, pacc: torch.Tensor, out: torch.Tensor) -> None:
+    """out [H, q, rank] from the splits' (max, denominator, unnormalised sum) per row, rows
+    query-major; a split a row never reached has max -inf and weighs nothing."""
+    heads, q, rank = out.shape
+    top = pm.amax(0)  # finite: every row's first split holds its slot 0
+    w = torch.exp2(pm - top)
+    den = (w * pd).sum(0)
+    acc = torch.einsum("sr,srd->rd", w, pacc)[:, :rank] / den[:, None]
+    out.copy_(acc.view(q, heads, rank).transpose(0, 1))

@@ -57,12 +57,16 @@ needs_kernel = pytest.mark.skipif(
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,q,t,rank,rope", [
-    (3, 37, 301, 48, 16),   # odd sizes: padded feature dims, a partial last block
-    (16, 40, 700, 512, 64),  # DeepSeek-V2-Lite's widths
-    (6, 1, 33, 128, 64),     # one query
+@pytest.mark.parametrize("heads,q,t,rank,rope,splits", [
+    (3, 37, 301, 48, 16, 1),   # odd sizes: padded feature dims, a partial last block
+    (3, 37, 301, 48, 16, 3),   # ... the slots split across programs (rows of one tile
+                               # reaching into different splits: some see none of one)
+    (16, 40, 700, 512, 64, 1),  # DeepSeek-V2-Lite's widths
+    (16, 40, 700, 512, 64, 4),
+    (6, 1, 33, 128, 64, 1),     # one query
+    (6, 1, 200, 128, 64, 8),    # one query, more splits than whole blocks: fewer are used
 ])
-def test_kernel_matches_reference(dtype, heads, q, t, rank, rope):
+def test_kernel_matches_reference(dtype, heads, q, t, rank, rope, splits):
     from irminsul.kernels.mla_attention_triton import mla_attention_triton
 
     if dtype == torch.bfloat16 and KERNEL_DEVICE == "cpu":
@@ -70,7 +74,7 @@ def test_kernel_matches_reference(dtype, heads, q, t, rank, rope):
                     "(off by 1e10 on a 16x16 product): checked on CUDA")
     args = _inputs(heads, q, t, rank, rope, dtype, KERNEL_DEVICE, seed=q, beyond=min(3, q - 1))
     want = mla_attention_ref(*args, 0.21)
-    got = mla_attention_triton(*args, 0.21)
+    got = mla_attention_triton(*args, 0.21, splits=splits)
     assert got.dtype == dtype and got.shape == want.shape
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
@@ -88,6 +92,17 @@ def test_kernel_rejects_bad_shapes():
         mla_attention_triton(q_lat, q_pe, latent, rot, pos[:3], 1.0)
     with pytest.raises(ValueError, match="widths"):
         mla_attention_triton(q_lat, q_pe, latent[:, :8], rot, pos, 1.0)
+    with pytest.raises(ValueError, match="splits"):
+        mla_attention_triton(q_lat, q_pe, latent, rot, pos, 1.0, splits=0)
+
+
+def test_splits_follow_the_longest_walk():
+    from irminsul.kernels.mla_attention import PARTIAL_BYTES, SPLIT_SLOTS, splits_for
+
+    assert splits_for(100, 16, 512) == 1  # a short walk: one program
+    assert splits_for(8 * SPLIT_SLOTS, 16, 512) == 8
+    many = splits_for(32 * SPLIT_SLOTS, 4096, 512)  # the partials' memory bounds it
+    assert 1 <= many < 32 and many * 4096 * 512 * 4 <= PARTIAL_BYTES
 
 
 @pytest.mark.skipif(KERNEL_DEVICE != "cpu", reason="the engine on the CPU with the kernel "
@@ -106,7 +121,7 @@ def test_engine_with_the_kernel_matches_the_torch_form(yarn_model, monkeypatch):
     g = np.random.default_rng(0)
     sections = [g.integers(10, 4000, n).astype(np.int32) for n in (60, 80, 70)]
     warm = np.concatenate([g.integers(10, 4000, 20), *sections]).astype(np.int32)
-    # a new header long enough that its block takes the kernel (model_runner.fused_pays)
+    # a new header long enough that its block takes the kernel (model_runner.attention_costs)
     edit = np.concatenate([g.integers(10, 4000, 124), sections[1], sections[0],
                            sections[2]]).astype(np.int32)
     outs = {}
@@ -120,8 +135,7 @@ def test_engine_with_the_kernel_matches_the_torch_form(yarn_model, monkeypatch):
         outs[kernel] = (out, toks)
         assert bool(calls) == (kernel == "triton")
         front = torch.arange(200)  # a block of many queries
-        assert e.runner.fused_attention(front, 200) == (kernel == "triton")
-        assert not e.runner.fused_attention(torch.tensor([299]), 300)  # a decode step
+        assert bool(e.runner.fused_splits(front, 200)) == (kernel == "triton")
     assert calls  # the pic blocks did attend with the kernel
     (a, ta), (b, tb) = outs["torch"], outs["triton"]
     assert a.counts == b.counts and a.counts.reused_tokens > 0

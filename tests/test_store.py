@@ -235,3 +235,28 @@ def test_tail_eviction_and_pins():
     m = store.match_prefix("", ids, refs(ids, spans), approximate=True)
     assert m.length == 8 and m.end == 12
     assert st.bytes <= st.capacity_bytes
+
+
+def test_cleared_and_evicted_kv_is_freed_without_the_cycle_collector():
+    """Python collects reference cycles on counts of objects, not bytes: KV that only the
+    cycle collector could free stays on the GPU for many requests (bench/NOTES.md)."""
+    import gc
+    import weakref
+
+    store = ChunkStore(3 * SIZE)
+    path = [(key(np.arange(i, i + 4)), entry(np.arange(i, i + 4), i)) for i in (0, 4, 8)]
+    watched = [weakref.ref(e.c_kv) for _, e in path]
+    gc.collect()
+    gc.disable()
+    try:
+        store.put(path[0][0], path[0][1])
+        assert store.insert_prefix("", path) == 12
+        del path
+        other = [(key(np.arange(50, 54)), entry(np.arange(50, 54)))]
+        assert store.insert_prefix("b", other) == 4  # evicts the deepest leaf, at 8
+        assert watched[2]() is None
+        store.clear()
+        del other
+        assert [w() is None for w in watched] == [True, True, True]
+    finally:
+        gc.enable()

@@ -78,14 +78,15 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def absorbed_attention(attn: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
                        cache, position_embeddings, rope,
-                       positions: torch.Tensor | None = None) -> torch.Tensor:
+                       positions: torch.Tensor | None = None, splits: int = 1) -> torch.Tensor:
     """One attention module's output [1, q, hidden] for queries ``hidden`` [1, q, hidden].
 
     ``cache.update(c_kv, k_pe, layer)`` writes the queries' own latents into their slots and
     returns the visible slots' ([1, 1, t, rank], [1, 1, t, rope_dim]); ``mask`` is the
     additive [1, 1, q, t] mask (None: every query sees every visible slot). With the queries'
     ``positions`` [q] the fused kernel (kernels/mla_attention_triton.py) attends instead, each
-    query seeing the slots up to its position (the mask is then unused)."""
+    query seeing the slots up to its position (the mask is then unused), its slots divided
+    among ``splits`` programs."""
     _, q, _ = hidden.shape
     heads, nope, rdim = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
     vdim, rank = attn.v_head_dim, attn.kv_lora_rank
@@ -106,7 +107,8 @@ def absorbed_attention(attn: nn.Module, hidden: torch.Tensor, mask: torch.Tensor
     if positions is not None:
         from ...kernels.mla_attention_triton import mla_attention_triton
 
-        o_lat = mla_attention_triton(q_lat, q_pe[0], latent, rot, positions, attn.scaling)
+        o_lat = mla_attention_triton(q_lat, q_pe[0], latent, rot, positions, attn.scaling,
+                                     splits=splits)
     else:
         o_lat = attend(q_lat, q_pe[0], latent, rot, mask, attn.scaling)
     out = torch.bmm(o_lat, w_uv.transpose(1, 2))  # [H, q, v]

@@ -103,10 +103,10 @@ class Graphs:
         self.scratch = slot_bucket(max_slots)
         self.arena = runner.alloc_kv(self.scratch + 1)
         self._lent: weakref.ref | None = None
-        self._recorded: dict[tuple[int, int, int, int, bool], _Recorded] = {}
+        self._recorded: dict[tuple[int, int, int, int, int], _Recorded] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self.failed: str | None = None  # why recording stopped (then every block is eager)
-        self.replays = 0
+        self.replays = self.recordings = 0
         self.eager_blocks = 0  # absorbed blocks that ran eagerly (arena lent, too long, ...)
 
     # ---- the arena ---------------------------------------------------------------------
@@ -136,8 +136,8 @@ class Graphs:
         if self.failed is not None or not self.owns(kv) or slots > self.scratch:
             self.eager_blocks += 1
             return None
-        # the attention kernel is chosen per block (model_runner.fused_pays): part of the shape
-        key = (first, last, query_bucket(q), slots, self.runner.fusing)
+        # the attention form and its splits are chosen per block (model_runner.attention_costs)
+        key = (first, last, query_bucket(q), slots, self.runner.splits)
         rec = self._recorded.get(key)
         fresh = rec is None
         if fresh:
@@ -162,7 +162,7 @@ class Graphs:
         kv.expanded[first:last, positions] = False
         return out
 
-    def _new(self, key: tuple[int, int, int, int, bool]) -> _Recorded:
+    def _new(self, key: tuple[int, int, int, int, int]) -> _Recorded:
         first, last, queries, slots, _ = key
         r = self.runner
         hidden = torch.zeros(1, queries, r.config.hidden_size, dtype=r.dtype, device=r.device)
@@ -198,8 +198,9 @@ class Graphs:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             rec.out = rec.body()
         rec.graph = graph
+        self.recordings += 1
 
     def stats(self) -> dict:
         return {"recorded": self.capture, "shapes": len(self._recorded),
-                "replays": self.replays, "eager_blocks": self.eager_blocks,
+                "recordings": self.recordings, "replays": self.replays, "eager_blocks": self.eager_blocks,
                 "arena_slots": self.scratch, "failed": self.failed}

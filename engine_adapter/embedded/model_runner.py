@@ -16,27 +16,38 @@ from pathlib import Path
 
 import torch
 
+from ...kernels.mla_attention import splits_for
 from ...kernels.rope import RopeSpec, apply_rope
 from . import absorbed, attention, graphs
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-# Which form of the absorbed attention is faster for a block (bench/mla_attention_bench.py,
-# H100, bench/results/2026-11-23-h100-mla_attention.txt). The torch form costs about the
-# same per (query, visible slot) pair whatever the positions: ~3.8e-7 ms for 16 heads. The
-# fused kernel walks, per query, only the slots up to its position, ~0.8 of that cost per
-# pair seen, but one program walks one query's slots in sequence: ~4.5e-5 ms per slot on the
-# longest walk, ~120 pairs' worth. So the kernel pays when
-#     max(WALK_COST x longest walk, PAIR_COST x pairs seen) < queries x visible slots:
-# many queries (pic's ~200 recomputed tokens), or queries that see few slots; a decode step
-# or a few carve-outs spread over the prompt take the torch form.
-WALK_COST, PAIR_COST = 120, 0.8
+# Which form of the absorbed attention is faster for a block: one layer's cost in ms,
+# measured on an H100 with DeepSeek-V2-Lite's widths (16 heads, rank 512) by
+# bench/mla_attention_bench.py (bench/results/2026-11-24-h100-mla_attention-split.txt; the
+# bench prints this model's prediction beside each measurement, and the H200 run beside it
+# shows the same picks but two near-ties). The torch form costs the same per (query, visible
+# slot) pair wherever the queries sit. The fused kernel walks, per query, only the slots up
+# to its position, but one program walks a run of them in sequence: its time is the longest
+# run (a query's slots divided among ``splits`` programs) or the pairs walked over the whole
+# GPU, whichever binds; more than one split adds the partial buffers and a combine pass,
+# ~0.15 ms of launches whatever the sizes, which is why few queries over many slots (a
+# decode step, a lone carve-out deep in the prompt) stay on the torch form.
+TORCH_MS = (0.15, 3.8e-7)  # fixed, per pair
+KERNEL_MS = (0.06, 4.5e-5, 3.0e-7)  # fixed, per slot of the longest run, per pair walked
+COMBINE_MS = (0.15, 1.3e-5)  # fixed, per (split, query)
 
 
-def fused_pays(positions: torch.Tensor, visible: int) -> bool:
-    """The rule above for one block's query positions (on the host)."""
+def attention_costs(positions: torch.Tensor, visible: int, heads: int, rank: int
+                    ) -> tuple[float, float, int]:
+    """(torch form ms, kernel ms, the kernel's splits) for one block's host positions."""
     reach = positions.clamp(max=visible - 1) + 1
-    kernel = max(WALK_COST * int(reach.max()), PAIR_COST * int(reach.sum()))
-    return kernel < positions.numel() * visible
+    q, longest, pairs = positions.numel(), int(reach.max()), int(reach.sum())
+    splits = splits_for(longest, q * heads, rank)
+    run = -(-longest // splits)
+    kernel = KERNEL_MS[0] + max(KERNEL_MS[1] * run, KERNEL_MS[2] * pairs)
+    if splits > 1:
+        kernel += COMBINE_MS[0] + COMBINE_MS[1] * splits * q
+    return TORCH_MS[0] + TORCH_MS[1] * q * visible, kernel, splits
 
 
 class KVBuffer:
@@ -149,10 +160,11 @@ class _Attention:
             return self.inner(*args, **kwargs)
         # the decoder layers the runner drives pass these by name (V2 and V3 alike)
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        positions = kwargs["position_ids"][0] if self.runner.fusing else None
+        r = self.runner
+        positions = kwargs["position_ids"][0] if r.splits else None
         return absorbed.absorbed_attention(
             self.attn, hidden, kwargs.get("attention_mask"), kwargs.get("past_key_values"),
-            kwargs.get("position_embeddings"), self.rope, positions), None
+            kwargs.get("position_embeddings"), self.rope, positions, r.splits), None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -247,13 +259,13 @@ class ModelRunner:
         self.prefill_attention = prefill_attention
         self.absorbed_max_queries = absorbed_max_queries
         # The absorbed form's attention itself: "triton", the fused kernel
-        # (kernels/mla_attention_triton.py) for blocks where it pays (fused_pays); "torch",
+        # (kernels/mla_attention_triton.py) for blocks where it pays (attention_costs); "torch",
         # float32 scores materialised (absorbed.attend). auto: triton on CUDA.
         self.attention_kernel = resolve_placement(attention_kernel, self.device,
                                                   "attention_kernel")
         self.active: KVBuffer | None = None  # the buffer run_layers is working on
         self.absorbing = False  # the block being run uses the absorbed form
-        self.fusing = False  # ... and attends with the fused kernel
+        self.splits = 0  # ... and attends with the fused kernel over this many splits (0: no)
         self.can_absorb = all(absorbed.supports(layer.self_attn) for layer in self.layers)
         for layer in self.layers:
             layer.self_attn.expand_kv = _MemoExpand(self, layer.self_attn)
@@ -313,7 +325,7 @@ class ModelRunner:
             h = hidden[:, b : b + self.prefill_block]
             visible = int(host[min(b + self.prefill_block, host.numel()) - 1]) + 1
             self.absorbing = self.absorbs(pos.numel())
-            self.fusing = self.absorbing and self.fused_attention(
+            self.splits = 0 if not self.absorbing else self.fused_splits(
                 host[b : b + self.prefill_block], visible)
             try:
                 out = None
@@ -324,7 +336,7 @@ class ModelRunner:
                     out = self.layer_stack(h, pos, mask, _SlotCache(kv, pos, visible),
                                            first, last)
             finally:
-                self.absorbing = self.fusing = False
+                self.absorbing, self.splits = False, 0
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
@@ -336,10 +348,14 @@ class ModelRunner:
                       use_cache=True, position_embeddings=pe)
         return h
 
-    def fused_attention(self, positions: torch.Tensor, visible: int) -> bool:
-        """Whether an absorbed block of queries at these host positions attends with the
-        fused kernel (rule: fused_pays)."""
-        return self.attention_kernel == "triton" and fused_pays(positions, visible)
+    def fused_splits(self, positions: torch.Tensor, visible: int) -> int:
+        """For an absorbed block of queries at these host positions: 0, the torch form, or
+        the fused kernel's splits, whichever attention_costs finds faster."""
+        if self.attention_kernel != "triton":
+            return 0
+        torch_ms, kernel_ms, splits = attention_costs(
+            positions, visible, self.config.num_attention_heads, self.rank)
+        return splits if kernel_ms < torch_ms else 0
 
     def absorbs(self, queries: int) -> bool:
         """Whether a block of this many queries attends in the absorbed form."""

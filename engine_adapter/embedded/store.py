@@ -26,6 +26,7 @@ Eviction is LRU over entries, skipping pinned ones (refs > 0) and trie nodes wit
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -64,16 +65,25 @@ class KVEntry:
 
 
 class _Node:
-    __slots__ = ("approx", "approx_by_first", "approx_children", "by_first", "children", "entry",
-                 "key", "parent")
+    # The parent is held weakly: a strong child -> parent link closes a cycle with the
+    # parent's ``children`` dict, and a trie dropped whole (clear) would then keep every
+    # entry's KV alive until Python's cycle collector ran, which it does on counts of
+    # objects, not bytes: on a GPU, gigabytes of dead KV per flushed store.
+    __slots__ = ("__weakref__", "_parent", "approx", "approx_by_first", "approx_children",
+                 "by_first", "children", "entry", "key")
 
     def __init__(self, key: str, entry: KVEntry | None, parent: _Node | None,
                  approx: bool = False):
-        self.key, self.entry, self.parent, self.approx = key, entry, parent, approx
+        self.key, self.entry, self.approx = key, entry, approx
+        self._parent = None if parent is None else weakref.ref(parent)
         self.children: dict[str, _Node] = {}  # exact edges (none below an approximate node)
         self.by_first: dict[int, list[_Node]] = {}  # first token -> children, for partial hits
         self.approx_children: dict[str, _Node] = {}  # approximate edges, and their index
         self.approx_by_first: dict[int, list[_Node]] = {}
+
+    @property
+    def parent(self) -> _Node | None:
+        return None if self._parent is None else self._parent()
 
     def kids(self, approx: bool) -> tuple[dict[str, _Node], dict[int, list[_Node]]]:
         return ((self.approx_children, self.approx_by_first) if approx
