@@ -7,7 +7,9 @@ through the proxy, alternating, so drift hits both alike. Two kinds of turn:
 
 - cold: a conversation never seen (new session, new content): the proxy tokenizes all of it;
 - warm: the same conversation with only its last (user) message new, as agents resend it: the
-  tokenizer's span cache makes the proxy's tokenizing proportional to the new message.
+  tokenizer's span cache makes the proxy's tokenizing proportional to the new message. With
+  --grow, each warm turn is the previous one plus an assistant answer and a new user message
+  (a conversation that grows as an agent's does, and has more messages every turn).
 
 The fake upstream, the proxy and this client run as three processes. Printed: p50/p95 of each
 path, the added latency and the ratio proxied/direct, for stock mode (the analysis starts once
@@ -19,7 +21,7 @@ which is counted as overhead).
 The machine's other load moves every figure: run it more than once and compare runs taken
 back to back (the direct column shows how loaded the machine was).
 
-    python bench/proxy_overhead.py [--tokens 32768] [--iters 30] [--modes stock,irminsul]
+    python bench/proxy_overhead.py [--tokens 32768] [--iters 30] [--modes stock,irminsul] [--grow]
 """
 
 from __future__ import annotations
@@ -111,6 +113,20 @@ def conversation(tok, seed: int, tokens: int) -> list[dict]:
                  {"role": "assistant", "content": tc.prose(rng, 80)}]
     msgs.append({"role": "user", "content": "What should we change first?"})
     return msgs
+
+
+def warm_turns(base: list[dict], count: int, grow: bool) -> list[list[dict]]:
+    """Warm turns of ``base``: its last message replaced each time, or (``grow``) the turn
+    before plus an assistant answer and a new user message."""
+    if not grow:
+        return [base[:-1] + [{"role": "user", "content": f"Now do step {i + 1} of the plan."}]
+                for i in range(count)]
+    out, msgs = [], base
+    for i in range(count):
+        msgs = msgs + [{"role": "assistant", "content": f"Step {i} is done: the tests pass."},
+                       {"role": "user", "content": f"Now do step {i + 1} of the plan."}]
+        out.append(msgs)
+    return out
 
 
 async def timed(http: aiohttp.ClientSession, url: str, body: dict, stream: bool) -> float:
@@ -211,6 +227,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--iters", type=int, default=30, help="requests per path and turn kind")
     ap.add_argument("--modes", default="stock,irminsul")
+    ap.add_argument("--grow", action="store_true",
+                    help="warm turns append an answer and a question instead of replacing the "
+                         "last message")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="run the proxy and the fake upstream under cProfile, write "
                          "DIR/MODE-proxy.prof and DIR/MODE-fake.prof and print the top "
@@ -227,8 +246,7 @@ def main() -> None:
     modes = args.modes.split(",")
     colds = [[conversation(tok, 1000 * (k + 1) + i, args.tokens) for i in range(args.iters)]
              for k in range(2 * len(modes))]
-    warm = [base[:-1] + [{"role": "user", "content": f"Now do step {i + 1} of the plan."}]
-            for i in range(args.iters)]  # each differs from the last only in its last message
+    warm = warm_turns(base, args.iters, args.grow)
     size = len(json.dumps(base)) / 1024
     print(f"conversation: {n_tokens} tokens, {len(base)} messages, {size:.0f} KiB JSON "
           f"(built in {time.perf_counter() - t0:.1f} s); {args.iters} requests per cell")

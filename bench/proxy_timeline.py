@@ -1,6 +1,6 @@
 """Where a warm irminsul-mode turn's time goes inside the proxy, step by step.
 
-    python bench/proxy_timeline.py [--turns 40] [--tokens 32768]
+    python bench/proxy_timeline.py [--turns 40] [--tokens 32768] [--grow]
 
 The proxy app runs in this process (create_app, a real aiohttp server on 127.0.0.1) in front
 of the fake SGLang in irminsul mode (its own process, as in bench/proxy_overhead.py); the
@@ -10,7 +10,8 @@ prepare (tokenize + chunk + keys + annotation: the part irminsul mode must finis
 forwards), encoding the forwarded body, the upstream call until its headers (the fake's own
 work included: it parses, checks and echoes the annotation), and reading and rewriting the
 answer. Non-streamed warm turns (the conversation once unmeasured, then only its last
-message new), one at a time, each after the previous one's background analysis.
+message new; with --grow, each turn the last one plus an answer and a question), one at a
+time, each after the previous one's background analysis.
 bench/proxy_overhead.py gives the end-to-end added latency; this says where it comes from.
 """
 
@@ -100,13 +101,12 @@ def instrument() -> None:
     h._serve = whole_request
 
 
-async def run(turns: int, tokens: int) -> None:
+async def run(turns: int, tokens: int, grow: bool) -> None:
     from irminsul.chunking.tokenizer import ModelTokenizer
 
     tok = ModelTokenizer.from_dir(po.TINY)
     base = po.conversation(tok, 0, tokens)
-    warm = [base[:-1] + [{"role": "user", "content": f"Now do step {i + 1} of the plan."}]
-            for i in range(turns)]
+    warm = po.warm_turns(base, turns, grow)
     fport = po.free_port()
     fake = mp.get_context("spawn").Process(target=po.run_fake, args=(fport, True), daemon=True)
     fake.start()
@@ -144,9 +144,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--turns", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--grow", action="store_true",
+                    help="each warm turn is the last plus an answer and a question (as "
+                         "bench/proxy_overhead.py --grow)")
     a = ap.parse_args()
     instrument()
-    asyncio.run(run(a.turns, a.tokens))
+    asyncio.run(run(a.turns, a.tokens, a.grow))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,15 @@ costs O(n^2) template steps, so instead:
 
 1. The chat is rendered once more with each message's content replaced by a sentinel.
    Walking both renders together gives each content's char span in the real text (the
-   template glue between sentinels must appear verbatim; content may have been stripped).
+   template glue between sentinels must appear verbatim; content may have been stripped):
+   alignment.py.
 2. The glue before a content ends with that message's header ("<|user|>", ...). Headers
    are learned per role from one exact prefix render the first time a glue does not end
    with a known one, then matched as the longest known suffix.
+
+Both steps keep the last call's result in the RenderMemo, and the next turn of a
+conversation recomputes only what follows the part it shares with it (what it reuses is
+what it would compute again: tests/test_chat_layout_reuse.py).
 3. When the walk fails (a template that branches on content), every prefix is rendered
    for real, with the lengths cached across calls by a digest of the message prefix.
 
@@ -23,12 +28,14 @@ from __future__ import annotations
 
 import json
 import re
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
+from operator import attrgetter
 from typing import NamedTuple
 
 import xxhash
 
+from .alignment import align
 from .chat import ChatTemplateError
 from .layout_memo import HeaderBook, RenderMemo
 from .recent import common_prefix
@@ -41,8 +48,9 @@ SECTION_RE = re.compile(
     r"\n(?=#{1,6}[ \t]|</?[A-Za-z][\w.:-]*(?:[ \t][^>\n]*)?/?>|-{3,}[ \t]*(?:\r?\n|$))"
 )
 
-_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 _GEN = "\x00generation"  # HeaderBook key of the generation prompt (no role is named so)
+_INDEX = attrgetter("index")
+_PAST_END = 1 << 62  # a start read up to the skeleton's end: it moves when the skeleton grows
 MAX_EXACT_MESSAGES = 1024  # exact mode renders this many prefixes at most (O(n^2) steps)
 
 Render = Callable[[list, bool], str]  # (messages, add_generation_prompt) -> rendered text
@@ -64,97 +72,6 @@ def _skeleton(messages: list[dict], nonempty_only: bool) -> list[dict] | None:
             any_sentinel = True
         out.append(m)
     return out if any_sentinel else None
-
-
-def _content_len(text: str, cur: int, content: str, after: str) -> int | None:
-    """Length of the rendered form of ``content`` at text[cur:], followed by glue ``after``."""
-    if text.startswith(content, cur) and text.startswith(after, cur + len(content)):
-        return len(content)  # verbatim, the usual case
-    for cand in dict.fromkeys((content.strip(), content.lstrip(), content.rstrip())):
-        if text.startswith(cand, cur) and text.startswith(after, cur + len(cand)):
-            return len(cand)
-    if after:  # a template that keeps only part of the content (e.g. drops reasoning)
-        j = text.find(after, cur)
-        if j >= 0 and text[cur:j] in content:
-            return j - cur
-    return None
-
-
-class _Located(NamedTuple):
-    index: int  # message index
-    s: int  # sentinel span in the skeleton render
-    e: int
-    rs: int  # content span in the real render
-    re: int
-
-
-class _Alignment(NamedTuple):
-    """One _align call's inputs and result, kept to align the next prompt's shared head."""
-
-    skel_text: str
-    text: str
-    contents: list  # message i's content, per located sentinel
-    found: list  # (message index, start, end) of each sentinel in skel_text
-    located: list
-
-
-def _reusable(last: _Alignment | None, skel_text: str, text: str, found, messages) -> int:
-    """How many leading entries of ``last.located`` the walk below would produce again.
-
-    Entry k is read from skel_text up to the next sentinel's start (its glue, its index and
-    the glue after it) and from text up to cur + len(content) + len(after) at most (every
-    candidate _content_len tries, the verbatim one being the longest, and find() stopping at
-    the chosen end). Equal inputs there, and the same content, give the same entry.
-    """
-    if last is None:
-        return 0
-    ps = common_prefix(last.skel_text, skel_text)
-    pt = common_prefix(last.text, text)
-    k, m = 0, min(len(last.located), len(found))
-    while k < m:
-        i, _, e = found[k]
-        nxt = found[k + 1][1] if k + 1 < len(found) else len(skel_text)
-        old = last.found
-        old_nxt = old[k + 1][1] if k + 1 < len(old) else len(last.skel_text)
-        if old[k] != found[k] or nxt != old_nxt or nxt > ps:
-            break  # sentinel, glue before it or glue after it ("after") not the same
-        content = messages[i]["content"]
-        if content != last.contents[k]:
-            break
-        if last.located[k].rs + len(content) + (nxt - e) > pt:
-            break
-        k += 1
-    return k
-
-
-def _align(skel_text: str, text: str, messages: list[dict], expected: list[int],
-           memo: RenderMemo | None = None):
-    found = [(int(m.group(1)), m.start(), m.end()) for m in _SENTINEL_RE.finditer(skel_text)]
-    if [f[0] for f in found] != expected:
-        return None  # a content dropped, repeated or reordered by the template
-    last = memo.last_alignment if memo is not None else None
-    k0 = _reusable(last, skel_text, text, found, messages)
-    located = last.located[:k0] if k0 else []
-    cur = located[-1].re if k0 else 0
-    prev = found[k0 - 1][2] if k0 else 0
-    for k in range(k0, len(found)):
-        i, s, e = found[k]
-        glue = skel_text[prev:s]
-        if not text.startswith(glue, cur):
-            return None
-        cur += len(glue)
-        after = skel_text[e : found[k + 1][1] if k + 1 < len(found) else len(skel_text)]
-        n = _content_len(text, cur, messages[i]["content"], after)
-        if n is None:
-            return None
-        located.append(_Located(i, s, e, cur, cur + n))
-        cur, prev = cur + n, e
-    if text[cur:] != skel_text[prev:]:
-        return None
-    if memo is not None:
-        contents = [messages[f[0]]["content"] for f in found]
-        memo.last_alignment = _Alignment(skel_text, text, contents, found, located)
-    return located
 
 
 def chat_layout(
@@ -188,19 +105,65 @@ def chat_layout(
         if not skel_text:
             continue
         expected = [i for i, m in enumerate(skel) if m is not messages[i]]
-        located = _align(skel_text, text, messages, expected, memo)
+        located = align(skel_text, text, messages, expected, memo)
         if located is not None:
-            return _from_alignment(
-                render, messages, skel, skel_text, located, add_generation_prompt, book, max_learn
-            )
+            return _from_alignment(render, messages, skel, skel_text, located,
+                                   add_generation_prompt, book, max_learn, memo)
     return _exact(render, messages, text, add_generation_prompt, memo, cache_key)
 
 
-def _from_alignment(render, messages, skel, skel_text, located, agp, book, max_learn):
+class _Starts(NamedTuple):
+    """One _from_alignment call's message starts, kept to reuse the next turn's head."""
+
+    book: HeaderBook
+    skel_text: str
+    located: list
+    roles: list
+    starts: list[int]
+    reach: list[int]  # reach[i]: the furthest skeleton char starts[:i + 1] were read from
+    settled: int  # starts[:settled] came from durable answers (the book's, no render)
+
+
+def _settled_head(last: _Starts | None, book, skel_text, located, roles) -> int:
+    """How many leading starts of the last call this one would compute again, the same.
+
+    Message i's start is read from its role, skel_text up to reach[i] and the located
+    contents before that (to place the glue in the real text); from the book when settled,
+    whose answer for a glue never changes once given (an exact memo is written once, and a
+    header that ends a glue is never outgrown: a longer one ending it would have been
+    matched by the shorter when it was learned).
+    """
+    if last is None or last.book is not book:
+        return 0
+    kl = _common_len(located, last.located)
+    limit = min(common_prefix(last.skel_text, skel_text),
+                located[kl].s - 1 if kl < len(located) else len(skel_text),
+                last.located[kl].s - 1 if kl < len(last.located) else len(skel_text))
+    r = min(bisect_right(last.reach, limit), last.settled, len(roles))
+    return _common_len(roles[:r], last.roles[:r])
+
+
+def _common_len(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _from_alignment(render, messages, skel, skel_text, located, agp, book, max_learn, memo):
     n = len(messages)
-    by_index = {loc.index: loc for loc in located}
     ends = [loc.e for loc in located]
     budget = [max_learn]
+    roles = [m.get("role") for m in messages]
+    last = memo.last_starts
+    r = _settled_head(last, book, skel_text, located, roles)
 
     def to_real(q: int) -> int:  # skeleton offset (in glue) -> real offset
         k = bisect_right(ends, q) - 1
@@ -218,15 +181,21 @@ def _from_alignment(render, messages, skel, skel_text, located, agp, book, max_l
             return -1
         return len(r) if skel_text.startswith(r) else -1
 
-    starts, prev = [0] * n, None  # prev: last located message before i
-    for i in range(n):
-        loc = by_index.get(i)
+    starts = last.starts[:r] + [0] * (n - r) if r else [0] * n
+    reach = last.reach[:r] if r else []
+    top, settled = reach[-1] if r else -1, r
+    j = bisect_left(located, r, key=_INDEX)  # located[j]: the first at or after message r
+    prev = located[j - 1] if j else None  # the last located message before i
+    for i in range(r, n):
+        loc = located[j] if j < len(located) and located[j].index == i else None
+        durable = True
         if i > 0:
             lo = prev.e if prev is not None else 0
-            hi = loc.s if loc is not None else _next_start(located, i, len(skel_text))
+            hi = located[j].s if j < len(located) else len(skel_text)
+            top = max(top, hi if j < len(located) else _PAST_END)
             start = None
             if loc is not None and prev is not None and prev.index == i - 1:
-                role, glue = str(messages[i].get("role")), skel_text[lo:hi]
+                role, glue = str(roles[i]), skel_text[lo:hi]
                 hl = book.match(role, glue)
                 if hl is None:
                     p = exact_end(i)
@@ -234,8 +203,9 @@ def _from_alignment(render, messages, skel, skel_text, located, agp, book, max_l
                         hl = hi - p if lo <= p <= hi else -1
                         book.learn(role, glue, hl)
                 start = hi - hl if hl is not None and hl >= 0 else None
+                durable = hl is not None and book.match(role, glue) == hl
             else:  # no located content here or before: an exact render places it, once
-                key = f"\x01{messages[i].get('role')}@{i - (prev.index if prev else -1)}"
+                key = f"\x01{roles[i]}@{i - (prev.index if prev else -1)}"
                 glue = skel_text[lo:hi]
                 rel = book.recall(key, glue)
                 if rel is None:
@@ -244,9 +214,14 @@ def _from_alignment(render, messages, skel, skel_text, located, agp, book, max_l
                         rel = p - lo if lo <= p <= hi else -1
                         book.remember(key, glue, rel)
                 start = lo + rel if rel is not None and rel >= 0 else None
+                durable = rel is not None and book.recall(key, glue) == rel
             starts[i] = max(to_real(start if start is not None else lo), starts[i - 1])
+        reach.append(top)
+        settled += settled == i and durable
         if loc is not None:
             prev = loc
+            j += 1
+    memo.last_starts = _Starts(book, skel_text, located, roles, starts, reach, settled)
     gen = None
     if agp:
         lo = prev.e if prev is not None else 0
@@ -259,15 +234,33 @@ def _from_alignment(render, messages, skel, skel_text, located, agp, book, max_l
                 book.learn(_GEN, glue, hl)
         if hl is not None and hl > 0:
             gen = to_real(len(skel_text) - hl)
-    contents = tuple((by_index[i].rs, by_index[i].re) if i in by_index else None for i in range(n))
-    return ChatLayout(tuple(starts), contents, gen, False)
-
-
-def _next_start(located, i: int, default: int) -> int:
+    contents: list = [None] * n
     for loc in located:
-        if loc.index > i:
-            return loc.s
-    return default
+        contents[loc.index] = (loc.rs, loc.re)
+    return ChatLayout(tuple(starts), tuple(contents), gen, False)
+
+
+def _hash(text: str) -> int:
+    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"))
+
+
+class _PrefixHashes:
+    """Whether a rendered prefix (length in chars, _hash) is the head of ``text``: one
+    streaming hash over the text, fed up to each asked length in turn (the asked lengths
+    grow with the messages, so the text is hashed about once)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self._h, self._at = xxhash.xxh3_64(), 0
+
+    def length_if_prefix(self, length: int, digest: int) -> int:
+        if length < 0 or length > len(self.text):
+            return -1
+        if length < self._at:
+            self._h, self._at = xxhash.xxh3_64(), 0
+        self._h.update(self.text[self._at : length].encode("utf-8", "surrogatepass"))
+        self._at = length
+        return length if self._h.intdigest() == digest else -1
 
 
 def _exact(
@@ -276,6 +269,10 @@ def _exact(
     n = len(messages)
     starts = [0] * n
     h = xxhash.xxh3_128(b"P" + cache_key())
+    # The memo keeps what a prefix of the messages renders to (its length and hash), never
+    # whether this text starts with it: a template that gathers a late system message into
+    # the head renders the same first messages differently under a longer list.
+    head = _PrefixHashes(text)
     for i in range(1, n + 1):
         h.update(
             json.dumps(messages[i - 1], sort_keys=True, ensure_ascii=False, default=str).encode(
@@ -285,14 +282,15 @@ def _exact(
         if i == n and not agp:
             break
         key = h.digest()
-        p = memo.get(key)
-        if p is None and i <= MAX_EXACT_MESSAGES:
+        rendered = memo.get(key)
+        if rendered is None and i <= MAX_EXACT_MESSAGES:
             try:
                 r = render(messages[:i], False)
-                p = len(r) if text.startswith(r) else -1
+                rendered = (len(r), _hash(r))
             except ChatTemplateError:
-                p = -1
-            memo.put(key, p)
+                rendered = (-1, 0)
+            memo.put(key, rendered)
+        p = None if rendered is None else head.length_if_prefix(*rendered)
         if i < n:
             starts[i] = max(p if p is not None and p >= 0 else 0, starts[i - 1])
         elif p is not None and 0 <= p < len(text):

@@ -18,6 +18,9 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .chat_resume import ResumableTemplate
+from .chat_split import cut_template
+
 
 class ChatTemplateError(ValueError):
     """Messages or a template that cannot be rendered; the message says why."""
@@ -130,6 +133,13 @@ class ChatTemplate:
             except jinja2.TemplateSyntaxError as e:
                 raise ChatTemplateError(f"chat template {name!r} does not compile: {e}") from e
         self.content_parts = {n: _iterates_content(s) for n, s in named.items()}
+        # resumed renders: a conversation's next turn renders only its new messages
+        cuts = {n: cut_template(_ENV, s) for n, s in named.items()}
+        self.cut_refusals = {n: c for n, c in cuts.items() if isinstance(c, str)}
+        self._resumable = {
+            n: ResumableTemplate(self._compiled[n], None if isinstance(c, str) else c)
+            for n, c in cuts.items()
+        }
 
     @classmethod
     def from_config(cls, value: Any) -> ChatTemplate | None:
@@ -157,10 +167,15 @@ class ChatTemplate:
             return "default"
         raise ChatTemplateError(f"no default chat template; pick one of {sorted(self._compiled)}")
 
+    def clear_checkpoints(self) -> None:
+        """Forget what earlier renders left for later ones to resume from."""
+        for r in self._resumable.values():
+            r.clear()
+
     def render(self, name: str, messages: list[dict], variables: dict[str, Any]) -> str:
         """Render already-normalised ``messages``; ``variables`` holds tools, flags, tokens."""
         try:
-            return self._compiled[name].render(messages=messages, **variables)
+            return self._resumable[name].render(messages, variables)
         except (jinja2.TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
 

@@ -67,9 +67,10 @@ class RenderMemo:
         self.max_entries = max_entries
         self._d: OrderedDict[bytes, object] = OrderedDict()
         self._lock = threading.Lock()
-        # the last chat_layout alignment (anchors._Alignment), replaced whole per call: the
+        # the last chat_layout alignment (alignment.Alignment), replaced whole per call: the
         # next turn of a conversation re-walks only what follows the part it shares with it
         self.last_alignment = None
+        self.last_starts = None  # the last _from_alignment's starts (anchors._Starts), likewise
 
     def get(self, key: bytes):
         with self._lock:

@@ -126,11 +126,14 @@ class ModelTokenizer:
         )
 
     def clear_cache(self) -> None:
-        """Forget cached pieces, learned template headers and prefix lengths."""
+        """Forget cached pieces, learned template headers, prefix lengths and render
+        checkpoints."""
         self._pieces.cache.clear()
         self._pieces.recent = RecentPrompts(self.options.recent_prompts)
         self._books.clear()
         self._memo = RenderMemo()
+        if self.chat_template is not None:
+            self.chat_template.clear_checkpoints()
 
     @property
     def cache_stats(self) -> tuple[int, int, int]:

@@ -8,6 +8,7 @@ as that token, as in the engine).
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import sysconfig
@@ -163,4 +164,32 @@ def random_conversation(
     if msgs[-1]["role"] == "system":
         msgs.append({"role": "user", "content": random_text(rng, specials)})
     tools = TOOLS if rng.random() < 0.4 else None
+    return msgs, tools
+
+
+REASONING_SPECIALS = ("</think>", "<think>", "<|end|>")  # what reasoning templates split on
+
+
+def next_turn(rng: random.Random, msgs: list[dict], tools):
+    """An agent's next request: mostly the same messages plus new ones, sometimes edited,
+    a system message that arrives late, or tools switched."""
+    msgs = copy.deepcopy(msgs)
+    r = rng.random()
+    if r < 0.5 or len(msgs) < 3:  # new turn(s) appended
+        more, _ = random_conversation(rng, REASONING_SPECIALS, 4)
+        msgs += [m for m in more if m["role"] != "system"]
+    elif r < 0.65:  # the last message replaced (a retried or edited last turn)
+        msgs[-1] = {"role": "user", "content": random_text(rng, REASONING_SPECIALS)}
+    elif r < 0.72:  # a message in the middle edited
+        msgs[rng.randrange(len(msgs))]["content"] = random_text(rng, REASONING_SPECIALS, 3)
+    elif r < 0.78:  # two messages swapped
+        i, j = sorted(rng.sample(range(len(msgs)), 2))
+        msgs[i], msgs[j] = msgs[j], msgs[i]
+    elif r < 0.84:  # history compacted
+        del msgs[rng.randrange(1, len(msgs) - 1)]
+    elif r < 0.92:  # a system message arrives late (changes what R1's `pre` gathers)
+        msgs.append({"role": "system", "content": random_text(rng, REASONING_SPECIALS, 5)})
+        msgs.append({"role": "user", "content": "go on"})
+    else:  # tools switched on or off
+        tools = None if tools else TOOLS
     return msgs, tools
