@@ -27,20 +27,24 @@ def tok():
     return train_data._TOKENIZER
 
 
-@pytest.mark.parametrize("facts,questions", [(4, 1), (8, 4)])
-def test_retrieval_rows_are_the_rendered_conversation(tok, facts, questions):
+@pytest.mark.parametrize("facts,questions,drill", [(4, 1, None), (8, 4, None),
+                                                   (8, 8, train_data.Drill())])
+def test_retrieval_rows_are_the_rendered_conversation(tok, facts, questions, drill):
     asked_more = 0
+    limit = 2049 if drill is None else drill.max_tokens
+    extra = {} if drill is None else {"doc_words": drill.doc_words}
     for seed in range(12):
-        ids, w = train_data._retrieval_sample(random.Random(seed), 2049, facts, questions)
+        ids, w = train_data._retrieval_sample(random.Random(seed), limit, facts, questions,
+                                              **extra)
         rng = random.Random(seed)  # the same draws, rebuilt as one chat and rendered whole
-        target = rng.randint(min(200, 2049 // 2), 2049 - (40 if questions == 1 else 120))
+        target = rng.randint(min(200, limit // 2), limit - train_data.room_after(questions))
         n = rng.randint(1, questions) if questions > 1 else 1
-        p = retrieval_messages(rng, tok, target, facts=(1, facts), questions=n)
+        p = retrieval_messages(rng, tok, target, facts=(1, facts), questions=n, **extra)
         chat = [*p.messages, {"role": "assistant", "content": p.answer}]
         for q, a in p.followups:
             chat += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         whole = tok.encode_chat(chat, add_generation_prompt=False).ids
-        assert list(ids) == list(whole[:2049])
+        assert list(ids) == list(whole[:limit])
         # loss weight 5 on exactly the answers (and their end markers), 1 elsewhere
         answers = [p.answer, *(a for _, a in p.followups)]
         assert list(ids[w == 5]) == [t for a in answers for t in tok.encode(f"{a}<|end|>\n")]
@@ -55,6 +59,22 @@ def test_retrieval_rows_are_the_rendered_conversation(tok, facts, questions):
             assert len(set(VALUE_RE.findall(prompt))) <= 4
     if questions > 1:
         assert asked_more > 0
+
+
+def test_drills_are_dense():
+    """A drill asks several questions in a few hundred tokens: more answers per token read
+    than the evaluation's prompts (what it is for)."""
+    train_data._init(str(TOKENIZER))
+    rng = random.Random(0)
+    dense, sparse = [], []
+    for _ in range(20):
+        drill = train_data.Drill()
+        ids, w = train_data._retrieval_sample(rng, drill.max_tokens, 8, 8, drill.doc_words)
+        dense.append(((w == 5).sum(), len(ids)))
+        ids, w = train_data._retrieval_sample(rng, 2049, 4, 1)
+        sparse.append(((w == 5).sum(), len(ids)))
+    per_token = [sum(a for a, _ in x) / sum(n for _, n in x) for x in (dense, sparse)]
+    assert per_token[0] > 3 * per_token[1]
 
 
 def test_a_failing_sample_worker_fails_take(tok):

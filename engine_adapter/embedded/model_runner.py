@@ -11,6 +11,7 @@ prompt can be computed while the other slots hold KV placed from the store, and 
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -21,6 +22,16 @@ from ...kernels.rope import RopeSpec, apply_rope
 from . import absorbed, attention, graphs
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+def cache_kwarg(module_class) -> str:
+    """The name the library's modules take their cache by: ``past_key_values`` in
+    transformers 5.17 (and up to 5.24 at least), ``cache`` in 5.25, where the old name is
+    renamed with a warning on the decoder layer and model, and the attention sees only the
+    new one."""
+    return "cache" if "cache" in inspect.signature(module_class.forward).parameters \
+        else "past_key_values"
+
 # Which form of the absorbed attention is faster for a block: one layer's cost in ms,
 # measured on an H100 with DeepSeek-V2-Lite's widths (16 heads, rank 512) by
 # bench/mla_attention_bench.py (bench/results/2026-11-24-h100-mla_attention-split.txt; the
@@ -163,7 +174,7 @@ class _Attention:
         r = self.runner
         positions = kwargs["position_ids"][0] if r.splits else None
         return absorbed.absorbed_attention(
-            self.attn, hidden, kwargs.get("attention_mask"), kwargs.get("past_key_values"),
+            self.attn, hidden, kwargs.get("attention_mask"), kwargs.get(r.cache_kwarg),
             kwargs.get("position_embeddings"), self.rope, positions, r.splits), None
 
 
@@ -243,6 +254,7 @@ class ModelRunner:
         self.spec = RopeSpec.from_hf_config(self.config)
         self.layers = self.model.model.layers
         self.num_layers = len(self.layers)
+        self.cache_kwarg = cache_kwarg(type(self.layers[0].self_attn))
         self.rank = self.config.kv_lora_rank
         self.rope_dim = self.config.qk_rope_head_dim
         self.vocab_size = self.config.vocab_size
@@ -344,8 +356,8 @@ class ModelRunner:
         """Decoder layers [first, last) for queries h [1, q, hidden] at positions pos [q]."""
         pe = self.model.model.rotary_emb(h, pos[None])
         for layer in self.layers[first:last]:
-            h = layer(h, attention_mask=mask, position_ids=pos[None], past_key_values=cache,
-                      use_cache=True, position_embeddings=pe)
+            h = layer(h, attention_mask=mask, position_ids=pos[None], use_cache=True,
+                      position_embeddings=pe, **{self.cache_kwarg: cache})
         return h
 
     def fused_splits(self, positions: torch.Tensor, visible: int) -> int:

@@ -150,17 +150,20 @@ def induction_accuracy(model, vocab_size: int, first_id: int, bos_id: int,
 @torch.no_grad()
 def greedy(model, ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...]) -> list[int]:
     """Greedy decoding with transformers' own KV cache: the reference path, not the engine."""
+    from .model_runner import cache_kwarg
+
+    name = cache_kwarg(type(model))
     x = torch.tensor([ids], device=_device(model))
     out = model(input_ids=x, use_cache=True)
-    past, new = out.past_key_values, []
+    past, new = getattr(out, name), []
     for _ in range(max_new_tokens):
         tok = int(out.logits[0, -1].argmax())
         if tok in stop_ids:
             break
         new.append(tok)
-        out = model(input_ids=torch.tensor([[tok]], device=x.device), past_key_values=past,
-                    use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=torch.tensor([[tok]], device=x.device), use_cache=True,
+                    **{name: past})
+        past = getattr(out, name)
     return new
 
 

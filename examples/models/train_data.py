@@ -25,6 +25,7 @@ import tarfile
 import threading
 from multiprocessing import Pool
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -101,18 +102,38 @@ def _trace_sample(rng: random.Random, max_tokens: int):
     return ids, np.ones(len(ids), np.float32)
 
 
-def _retrieval_sample(rng: random.Random, max_tokens: int, facts: int = 4, questions: int = 1):
+class Drill(NamedTuple):
+    """Short, dense retrieval prompts: many short documents, a fact in most, and many
+    questions, each answered in turn. They teach binding a question's key to its own fact
+    (not any fact of the same template) at many answers per token read; the evaluation's
+    prompts are longer and sparser."""
+
+    max_tokens: int = 900
+    facts: int = 8
+    questions: int = 8
+    doc_words: tuple[int, int] = (15, 60)
+
+
+def room_after(questions: int) -> int:
+    """Tokens kept free after a retrieval prompt for its answer(s) and follow-up questions
+    (~35 a question), so that the row's cut falls after the last answer."""
+    return 40 if questions == 1 else 120 if questions <= 4 else 35 * questions
+
+
+def _retrieval_sample(rng: random.Random, max_tokens: int, facts: int = 4, questions: int = 1,
+                      doc_words: tuple[int, int] | None = None):
     """A retrieval prompt with 1-``facts`` facts and 1-``questions`` questions about them, each
     answered by the assistant: the answers are what the task teaches (weight 5), the rest is
     ordinary text. The shipped model was trained with the defaults (one question, up to 4 facts,
     as the evaluation asks); more facts and questions were tried since (bench/results/
-    2026-11-23-h100-retrain-multiquestion.txt)."""
+    2026-11-23-h100-retrain-multiquestion.txt). ``doc_words`` overrides the evaluation's
+    document lengths (drills)."""
     from irminsul.engine_adapter.embedded.skill_eval import retrieval_messages
 
-    room = 40 if questions == 1 else 120  # the answer(s), and follow-up questions, after it
-    target = rng.randint(min(200, max_tokens // 2), max_tokens - room)
+    target = rng.randint(min(200, max_tokens // 2), max_tokens - room_after(questions))
     asked = rng.randint(1, questions) if questions > 1 else 1
-    p = retrieval_messages(rng, _TOKENIZER, target, facts=(1, facts), questions=asked)
+    extra = {} if doc_words is None else {"doc_words": doc_words}
+    p = retrieval_messages(rng, _TOKENIZER, target, facts=(1, facts), questions=asked, **extra)
     parts = [(_TOKENIZER.encode_chat(p.messages, add_generation_prompt=True).ids, 1.0)]
     parts.append((_TOKENIZER.encode(p.answer + "<|end|>\n"), 5.0))
     for q, a in p.followups:  # rendered as the chat template renders the next turns
@@ -123,13 +144,18 @@ def _retrieval_sample(rng: random.Random, max_tokens: int, facts: int = 4, quest
     return ids[:max_tokens], w[:max_tokens]
 
 
-def _samples(args: tuple[int, int, int, float, int, int]):
-    seed, n, max_tokens, retrieval_share, facts, questions = args
+def _samples(args: tuple[int, int, int, float, int, int, Drill | None]):
+    seed, n, max_tokens, retrieval_share, facts, questions, drill = args
     rng = random.Random(f"irminsul-train:{seed}")
     out = []
     for _ in range(n):
         if rng.random() < retrieval_share:
-            out.append(_retrieval_sample(rng, max_tokens, facts, questions))
+            if drill is not None:
+                # a drill is short: several fill the row, each packed whole
+                out.append(_retrieval_sample(rng, min(max_tokens, drill.max_tokens), drill.facts,
+                                             drill.questions, drill.doc_words))
+            else:
+                out.append(_retrieval_sample(rng, max_tokens, facts, questions))
         else:
             out.append(_trace_sample(rng, max_tokens))
     return max_tokens, out
@@ -139,7 +165,8 @@ class ChatPool:
     """Packed chat rows of ``seq + 1`` token IDs with per-token loss weights (pad: 0), made by
     worker processes in the background while training runs: a pool made up front would cost
     a minute of a ten-minute budget. ``take(seq)`` hands over the rows made since the last
-    call. Samples are packed first-fit into rows in the order made; none spans two rows."""
+    call. Samples are packed first-fit into rows in the order made; none spans two rows.
+    ``drill`` (a Drill, or None) may be changed while it runs: jobs made after take it."""
 
     def __init__(self, tokenizer_dir: Path, seqs: dict[int, int], seed: int, workers: int,
                  pad_id: int, retrieval_share: float = 0.6, per_job: int = 8,
@@ -147,6 +174,7 @@ class ChatPool:
         self.seqs = seqs  # seq -> relative share of jobs
         self.seed, self.pad_id, self.share, self.per_job = seed, pad_id, retrieval_share, per_job
         self.facts, self.questions = retrieval_facts, retrieval_questions
+        self.drill: Drill | None = None
         self.workers = workers
         self._open = {s: [] for s in seqs}  # the row being filled: list of (ids, w)
         self._done = {s: [] for s in seqs}
@@ -166,7 +194,7 @@ class ChatPool:
             for _ in range(self.workers * 2):
                 s = kinds[job % len(kinds)]
                 jobs.append((self.seed * 1_000_003 + job, self.per_job, s + 1, self.share,
-                             self.facts, self.questions))
+                             self.facts, self.questions, self.drill))
                 job += 1
             try:
                 for seq_plus, samples in self._pool.imap_unordered(_samples, jobs):

@@ -70,6 +70,11 @@ class Batches:
                 w = torch.cat([self.chat[seq][1], w])
             self.chat[seq] = (ids, w)
 
+    def forget_chat(self) -> None:
+        """Drop the chat rows gathered so far (their mix changed); text rows stand in for them
+        until the pool's next ones arrive."""
+        self.chat.clear()
+
     def _randint(self, low, high, n):
         return torch.randint(low, high, (n,), generator=self.gen, device=self.device)
 
@@ -103,10 +108,14 @@ class Batches:
         pick = self._randint(0, len(ids), n)
         return ids[pick], w[pick]
 
+    def copy_rows(self, rows: int) -> int:
+        """How many of a batch's rows are random-block repeats (they come first)."""
+        return round(rows * self.copy_share)
+
     def __call__(self, rows: int, seq: int):
         # until the pool has rows of this length, text rows stand in for chat rows
         n_chat = round(rows * self.chat_share) if seq in self.chat else 0
-        n_rep = round(rows * self.copy_share)
+        n_rep = self.copy_rows(rows)
         parts = [self.repeats(n_rep, seq), self.text(rows - n_chat - n_rep, seq)]
         if n_chat:
             parts.append(self.chat_rows(n_chat, seq))
@@ -148,10 +157,17 @@ class Profiling:
         self.steps = 0  # once
 
 
-def weighted_loss(model, x, y, w) -> torch.Tensor:
+def weighted_loss(model, x, y, w, copy_rows: int = 0):
+    """(weighted loss, and the loss on the first ``copy_rows`` rows — the random-block
+    repeats, learnt only by copying — detached, or None)."""
     logits = model(input_ids=x).logits
     ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-    return (ce * w.flatten()).sum() / w.sum().clamp_min(1)
+    ce = ce.view_as(w)
+    loss = (ce * w).sum() / w.sum().clamp_min(1)
+    if not copy_rows:
+        return loss, None
+    wc = w[:copy_rows]
+    return loss, ((ce[:copy_rows] * wc).sum() / wc.sum().clamp_min(1)).detach()
 
 
 @torch.no_grad()
@@ -236,6 +252,19 @@ def main(argv=None) -> int:
                     help="run N steps (after 20 warm-up steps; 2 in --smoke) under "
                          "torch.profiler and log its operator table: where a step's time goes")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole script")
+    ap.add_argument("--compile", action="store_true",
+                    help="train through torch.compile (its compile time counts in --minutes)")
+    ap.add_argument("--drill-until", type=float, default=0.0, metavar="F",
+                    help="until this share of the time, retrieval samples are drills (short "
+                         "prompts, many facts and questions: train_data.Drill)")
+    ap.add_argument("--drill-after-copying", type=float, default=0.0, metavar="F",
+                    help="drills for this share of the time, from when the loss on the "
+                         "repeat rows first falls below --copying-loss (the copy circuit "
+                         "has formed: binding a key to its fact needs it)")
+    ap.add_argument("--copying-loss", type=float, default=2.0)
+    ap.add_argument("--drill-tokens", type=int, default=900)
+    ap.add_argument("--drill-facts", type=int, default=8)
+    ap.add_argument("--drill-questions", type=int, default=8)
     a = ap.parse_args(argv)
     if a.smoke:
         a.minutes, a.seq, a.long_seq, a.batch_tokens, a.workers = 0.4, 256, 512, 2048, 1
@@ -257,6 +286,10 @@ def main(argv=None) -> int:
                                retrieval_share=a.retrieval_share,
                                retrieval_facts=a.retrieval_facts,
                                retrieval_questions=a.retrieval_questions)
+    drill = train_data.Drill(a.drill_tokens, a.drill_facts, a.drill_questions)
+    drill_end, watch_copying = a.drill_until, a.drill_after_copying > 0
+    if a.drill_until > 0:
+        chat.drill = drill
     batches = Batches(train, chat, vocab, first_id, bos, device, a.seed,
                       (a.chat_share, a.copy_share))
 
@@ -272,6 +305,9 @@ def main(argv=None) -> int:
                             fused=fused)
     opt_aux = torch.optim.AdamW(aux.parameters(), lr=a.aux_lr, betas=(0.9, 0.95),
                                 weight_decay=0.1, fused=fused)
+    # the training steps go through the compiled modules (same parameters); evaluation and
+    # saving use the plain ones
+    steps_of = {id(m): torch.compile(m) if a.compile else m for m in (model, aux)}
     budget = a.minutes * 60
     t_train = time.perf_counter()
     step, tokens, history = 0, 0, []
@@ -282,20 +318,34 @@ def main(argv=None) -> int:
         if progress >= 1:
             break
         seq = a.long_seq if progress >= 1 - a.long_frac else a.seq
+        if chat.drill is not None and progress >= drill_end:
+            chat.drill = None  # jobs from now on make the evaluation's kind of prompts
+            batches.forget_chat()
+            log(f"step {step}: drills end, retrieval prompts as evaluated from here")
         if step % 20 == 0:
             batches.refresh()
-        x, y, w = batches(max(1, a.batch_tokens // seq), seq)
+        rows = max(1, a.batch_tokens // seq)
+        x, y, w = batches(rows, seq)
+        watch = watch_copying and step % 10 == 0
         for m, o, peak in ((model, opt, a.lr), (aux, opt_aux, a.aux_lr)):
             for g in o.param_groups:
                 g["lr"] = lr_at(progress, peak, a.warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fused):
-                loss = weighted_loss(m, x, y, w)
+                copy_rows = batches.copy_rows(rows) if watch and m is model else 0
+                loss, copy_loss = weighted_loss(steps_of[id(m)], x, y, w, copy_rows)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             o.step()
             o.zero_grad(set_to_none=True)
             if m is model:
                 main_loss = loss
+                if watch and float(copy_loss) < a.copying_loss:
+                    watch_copying = False
+                    chat.drill, drill_end = drill, progress + a.drill_after_copying
+                    batches.forget_chat()
+                    log(f"step {step}: loss on the repeats {float(copy_loss):.2f} < "
+                        f"{a.copying_loss}: copying has formed; drills until "
+                        f"{drill_end:.0%} of the time")
         step += 1
         tokens += x.numel()
         profiling.after(step)

@@ -1,0 +1,40 @@
+"""The training script's loss (examples/models/train_model.py): the weighted loss, and the
+loss on the repeat rows that tells the script the copy circuit has formed (drills start then)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
+sys.path.insert(0, str(MODELS))
+import train_model  # noqa: E402
+
+from irminsul.engine_adapter.embedded.presets import preset_config  # noqa: E402
+
+
+def test_copy_loss_is_the_loss_on_the_first_rows_alone():
+    from transformers import DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    model = DeepseekV2ForCausalLM(preset_config("irminsul-aux")).eval()
+    x = torch.randint(8, 4096, (5, 40))
+    y = torch.randint(8, 4096, (5, 40))
+    w = torch.rand(5, 40) * (torch.rand(5, 40) > 0.3)
+    with torch.no_grad():
+        loss, none = train_model.weighted_loss(model, x, y, w)
+        same, copy = train_model.weighted_loss(model, x, y, w, copy_rows=2)
+        alone, _ = train_model.weighted_loss(model, x[:2], y[:2], w[:2])
+        rest, _ = train_model.weighted_loss(model, x[2:], y[2:], w[2:])
+    assert none is None
+    assert torch.equal(loss, same)
+    torch.testing.assert_close(copy, alone)
+    # the whole batch's loss is the weight-averaged mix of the two parts
+    mix = (alone * w[:2].sum() + rest * w[2:].sum()) / w.sum()
+    torch.testing.assert_close(loss, mix)
+    assert not torch.isclose(copy, rest)
