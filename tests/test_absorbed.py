@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support.edits import header_and_reorder
 from support.models import plain_model, yarn_model  # noqa: F401
 from transformers import DeepseekV2Config, DeepseekV3Config
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as v2
@@ -87,18 +88,7 @@ def test_heads_in_groups_give_the_same_output(monkeypatch):
 
 
 def _prompts(seed=0):
-    """A prompt and its edit (another header, the sections reordered), each with anchors at
-    the header's end and the section starts, as the proxy would send them."""
-    g = np.random.default_rng(seed)
-    sections = [g.integers(10, 4000, n).astype(np.int32) for n in (70, 130, 90, 110)]
-
-    def build(head, parts):
-        ids = np.concatenate([head, *parts]).astype(np.int32)
-        return ids, tuple(int(x) for x in np.cumsum([len(head)] + [len(p) for p in parts[:-1]]))
-
-    warm = build(g.integers(10, 4000, 20), sections)
-    edit = build(g.integers(10, 4000, 23), [sections[i] for i in (2, 0, 3, 1)])
-    return warm, edit
+    return header_and_reorder(np.random.default_rng(seed))
 
 
 @pytest.fixture(scope="module", params=["yarn", "plain"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from support.edits import header_and_reorder
 from support.models import plain_model, yarn_model  # noqa: F401
 
 from irminsul.engine_adapter.embedded import graphs
@@ -41,15 +42,7 @@ def _session(seed=0):
     with anchors: the short one runs in an arena that still holds the long one's KV."""
     g = np.random.default_rng(seed)
     long = g.integers(10, 4000, 700).astype(np.int32)
-    sections = [g.integers(10, 4000, n).astype(np.int32) for n in (70, 130, 90, 110)]
-
-    def build(head, parts):
-        ids = np.concatenate([head, *parts]).astype(np.int32)
-        return ids, tuple(int(x) for x in np.cumsum([len(head)] + [len(p) for p in parts[:-1]]))
-
-    warm = build(g.integers(10, 4000, 20), sections)
-    edit = build(g.integers(10, 4000, 23), [sections[i] for i in (2, 0, 3, 1)])
-    return long, warm, edit
+    return (long, *header_and_reorder(g))
 
 
 def _run(engine, policy):

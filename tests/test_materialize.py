@@ -2,12 +2,11 @@
 kernel against the reference (on CUDA, or on CPU under TRITON_INTERPRET=1 when Triton is
 installed). Random inputs, poisoned destinations, every slot checked."""
 
-import os
-
 import pytest
 import torch
+from support.kernel_device import KERNEL_DEVICE, needs_kernel
 
-from irminsul.kernels.materialize import materialize_indexed_ref, triton_available
+from irminsul.kernels.materialize import materialize_indexed_ref
 from irminsul.kernels.rope import RopeSpec, Segment, materialize
 
 YARN = {"model_type": "deepseek_v2", "qk_rope_head_dim": 64, "max_position_embeddings": 163840,
@@ -77,20 +76,6 @@ def test_reference_writes_only_the_destination_slots(dtype):
     untouched[dst_index] = False
     assert (dst_ckv[:, untouched] == POISON).all() and (dst_kpe[:, untouched] == POISON).all()
     assert torch.equal(dst_ckv[:, dst_index], src_ckv[:, src_index])  # c_KV bit-identical
-
-
-def _kernel_device():
-    if torch.cuda.is_available() and triton_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") == "1" and triton_available():
-        return "cpu"
-    return None
-
-
-KERNEL_DEVICE = _kernel_device()
-needs_kernel = pytest.mark.skipif(
-    KERNEL_DEVICE is None,
-    reason="the Triton kernel needs CUDA, or Triton installed and TRITON_INTERPRET=1 on CPU")
 
 
 @needs_kernel

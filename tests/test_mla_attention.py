@@ -4,16 +4,14 @@ TRITON_INTERPRET=1), and the engine with the kernel against the torch form."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from support.kernel_device import KERNEL_DEVICE, needs_kernel
 from support.models import yarn_model  # noqa: F401
 
 from irminsul.engine_adapter.embedded.config import EngineConfig
 from irminsul.engine_adapter.embedded.engine import Engine, SamplingParams
-from irminsul.kernels.materialize import triton_available
 from irminsul.kernels.mla_attention import mla_attention_ref
 
 
@@ -39,20 +37,6 @@ def test_reference_is_the_definition():
             s = (latent[:n] @ q_lat[h, i] + rot[:n] @ q_pe[h, i]) * 0.37
             want = torch.softmax(s, 0) @ latent[:n]
             torch.testing.assert_close(got[h, i], want)
-
-
-def _kernel_device():
-    if torch.cuda.is_available() and triton_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") == "1" and triton_available():
-        return "cpu"
-    return None
-
-
-KERNEL_DEVICE = _kernel_device()
-needs_kernel = pytest.mark.skipif(
-    KERNEL_DEVICE is None,
-    reason="the Triton kernel needs CUDA, or Triton installed and TRITON_INTERPRET=1 on CPU")
 
 
 @needs_kernel

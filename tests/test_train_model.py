@@ -13,9 +13,9 @@ pytest.importorskip("transformers")
 
 MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
 sys.path.insert(0, str(MODELS))
-import train_model  # noqa: E402
+import train_model
 
-from irminsul.engine_adapter.embedded.presets import preset_config  # noqa: E402
+from irminsul.engine_adapter.embedded.presets import preset_config
 
 
 def test_copy_loss_is_the_loss_on_the_first_rows_alone():
