@@ -136,6 +136,25 @@ def test_interior_trie_nodes_outlive_their_children():
     assert store.stats().prefix_nodes == 1
 
 
+def test_extending_a_path_never_evicts_the_node_it_extends():
+    """Found by a 12-turn replay: holding a new edge's entry made room by evicting the leaf it
+    was about to hang from, so the edge went under a node no longer in the trie (claimed as
+    covered, unreachable), and dropping it later failed on its parent, already freed."""
+    store = ChunkStore(SIZE)  # room for one entry
+    ids = np.arange(8, dtype=np.int32)
+    r = refs(ids, [(0, 4), (4, 8)])
+    path = [(x.key, entry(ids[x.start : x.end], x.start)) for x in r]
+    assert store.insert_prefix("", path[:1]) == 4
+    # the second edge does not fit beside the first, and the first is the path: refused
+    assert store.insert_prefix("", path) == 4
+    assert store.match_prefix("", ids, r).length == 4
+    assert store.stats().prefix_nodes == 1
+    # the store stays sound: a newcomer evicts the leaf as usual
+    assert store.insert_prefix("b", [(key([9] * 4), entry([9] * 4))]) == 4
+    assert store.match_prefix("", ids, r).length == 0
+    assert store.stats().prefix_nodes == 1
+
+
 def test_shared_entry_is_counted_once_and_cleared():
     store = ChunkStore(100 * SIZE)
     ids = np.arange(4, dtype=np.int32)

@@ -279,7 +279,7 @@ class ChunkStore:
                 children, by_first = node.kids(approx)
                 child = children.get(key)
                 if child is None:
-                    if entry.node is not None or not self._hold(entry):
+                    if entry.node is not None or not self._hold_below(node, entry):
                         break
                     child = _Node(key, entry, node, approx)
                     entry.node = child
@@ -370,6 +370,18 @@ class ChunkStore:
         self._lru[id(entry)] = entry
         self._bytes += need
         return True
+
+    def _hold_below(self, node: _Node, entry: KVEntry) -> bool:
+        """``_hold`` for an entry about to hang below ``node``: the room is never made by
+        evicting ``node`` itself (a leaf until then), which would leave the new edge under a
+        node no longer in the trie."""
+        if node.entry is None:  # the root: not an entry, never evicted
+            return self._hold(entry)
+        node.entry.refs += 1
+        try:
+            return self._hold(entry)
+        finally:
+            node.entry.refs -= 1
 
     def _make_room(self, need: int) -> bool:
         while self._bytes + need > self.capacity:
