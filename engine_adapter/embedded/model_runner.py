@@ -32,6 +32,7 @@ def cache_kwarg(module_class) -> str:
     return "cache" if "cache" in inspect.signature(module_class.forward).parameters \
         else "past_key_values"
 
+
 # Which form of the absorbed attention is faster for a block: one layer's cost in ms,
 # measured on an H100 with DeepSeek-V2-Lite's widths (16 heads, rank 512) by
 # bench/mla_attention_bench.py (bench/results/2026-11-24-h100-mla_attention-split.txt; the

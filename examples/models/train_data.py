@@ -106,7 +106,8 @@ class Drill(NamedTuple):
     """Short, dense retrieval prompts: many short documents, a fact in most, and many
     questions, each answered in turn. They teach binding a question's key to its own fact
     (not any fact of the same template) at many answers per token read; the evaluation's
-    prompts are longer and sparser."""
+    prompts are longer and sparser. Tried on the H100, before and after the copy circuit
+    formed: no better than without (bench/results/2026-12-06-h100-retrain-drills.txt)."""
 
     max_tokens: int = 900
     facts: int = 8
