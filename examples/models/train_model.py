@@ -255,7 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="train through torch.compile (its compile time counts in --minutes): "
                          "1.31x the tokens a second on an H100 after ~32 s of compiling; a "
-                         "4096-token phase recompiles (bench/results/2026-12-06-h100-train-compile.txt)")
+                         "4096-token phase recompiles "
+                         "(bench/results/2026-12-06-h100-train-compile.txt)")
     ap.add_argument("--drill-until", type=float, default=0.0, metavar="F",
                     help="until this share of the time, retrieval samples are drills (short "
                          "prompts, many facts and questions: train_data.Drill)")
