@@ -36,14 +36,8 @@ def _hf_v2(rot, x, positions):
     return k[0, 0]
 
 
-def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:
-    """One bfloat16 ulp at |v| (8 significant bits)."""
-    e = torch.frexp(v.float().abs().clamp_min(1e-30)).exponent
-    return torch.ldexp(torch.ones_like(v, dtype=torch.float32), e - 8)
-
-
 def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One ulp of ``dtype`` at |v|."""
+    """One ulp of ``dtype`` at |v| (bfloat16: 8 significant bits, float32: 24)."""
     bits = 8 if dtype == torch.bfloat16 else 24
     e = torch.frexp(v.float().abs().clamp_min(1e-30)).exponent
     return torch.ldexp(torch.ones_like(v, dtype=torch.float32), e - bits)
@@ -126,7 +120,7 @@ def test_delta_rotate_equals_fresh_rope(preset, dtype):
     else:
         # Within one bf16 ulp of the pair's magnitude: a rotation mixes a pair's members, so
         # a small member inherits rounding of its large partner in the fresh result too.
-        assert (err <= _bf16_ulp(_pair_norm(fresh))).all()
+        assert (err <= _ulp(_pair_norm(fresh), torch.bfloat16)).all()
     assert torch.equal(delta_rotate(stored, src, src, spec), stored)
 
 
@@ -171,7 +165,7 @@ def test_layer0_reuse_matches_fresh_prefill(request, fixture, dtype):
         if runner.dtype == torch.float32:
             assert (err.amax(-1) / k1.abs().amax(-1)).max() <= 1e-6
         else:
-            assert (err <= _bf16_ulp(_pair_norm(k1))).all()
+            assert (err <= _ulp(_pair_norm(k1), torch.bfloat16)).all()
         assert not buf_c[0, :8].any() and not buf_c[0, 56:].any()  # nothing else written
 
 

@@ -61,15 +61,14 @@ def test_retrieval_rows_are_the_rendered_conversation(tok, facts, questions, dri
         assert asked_more > 0
 
 
-def test_drills_are_dense():
+def test_drills_are_dense(tok):
     """A drill asks several questions in a few hundred tokens: more answers per token read
     than the evaluation's prompts (what it is for)."""
-    train_data._init(str(TOKENIZER))
-    rng = random.Random(0)
+    rng, drill = random.Random(0), train_data.Drill()
     dense, sparse = [], []
     for _ in range(20):
-        drill = train_data.Drill()
-        ids, w = train_data._retrieval_sample(rng, drill.max_tokens, 8, 8, drill.doc_words)
+        ids, w = train_data._retrieval_sample(rng, drill.max_tokens, drill.facts,
+                                              drill.questions, drill.doc_words)
         dense.append(((w == 5).sum(), len(ids)))
         ids, w = train_data._retrieval_sample(rng, 2049, 4, 1)
         sparse.append(((w == 5).sum(), len(ids)))

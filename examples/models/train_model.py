@@ -70,9 +70,11 @@ class Batches:
                 w = torch.cat([self.chat[seq][1], w])
             self.chat[seq] = (ids, w)
 
-    def forget_chat(self) -> None:
-        """Drop the chat rows gathered so far (their mix changed); text rows stand in for them
-        until the pool's next ones arrive."""
+    def set_drill(self, drill: train_data.Drill | None) -> None:
+        """Retrieval samples become drills (or, with None, the evaluation's kind again) from
+        the pool's next jobs on; the chat rows gathered so far are dropped, their mix changed,
+        and text rows stand in for them until new ones arrive."""
+        self.pool.drill = drill
         self.chat.clear()
 
     def _randint(self, low, high, n):
@@ -289,12 +291,12 @@ def main(argv=None) -> int:
                                retrieval_share=a.retrieval_share,
                                retrieval_facts=a.retrieval_facts,
                                retrieval_questions=a.retrieval_questions)
+    batches = Batches(train, chat, vocab, first_id, bos, device, a.seed,
+                      (a.chat_share, a.copy_share))
     drill = train_data.Drill(a.drill_tokens, a.drill_facts, a.drill_questions)
     drill_end, watch_copying = a.drill_until, a.drill_after_copying > 0
     if a.drill_until > 0:
-        chat.drill = drill
-    batches = Batches(train, chat, vocab, first_id, bos, device, a.seed,
-                      (a.chat_share, a.copy_share))
+        batches.set_drill(drill)
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     log(f"device {device} ({gpu}), torch {torch.__version__}")
@@ -322,8 +324,7 @@ def main(argv=None) -> int:
             break
         seq = a.long_seq if progress >= 1 - a.long_frac else a.seq
         if chat.drill is not None and progress >= drill_end:
-            chat.drill = None  # jobs from now on make the evaluation's kind of prompts
-            batches.forget_chat()
+            batches.set_drill(None)
             log(f"step {step}: drills end, retrieval prompts as evaluated from here")
         if step % 20 == 0:
             batches.refresh()
@@ -342,11 +343,11 @@ def main(argv=None) -> int:
             o.zero_grad(set_to_none=True)
             if m is model:
                 main_loss = loss
-                if watch and float(copy_loss) < a.copying_loss:
+                if watch and (copied := float(copy_loss)) < a.copying_loss:
                     watch_copying = False
-                    chat.drill, drill_end = drill, progress + a.drill_after_copying
-                    batches.forget_chat()
-                    log(f"step {step}: loss on the repeats {float(copy_loss):.2f} < "
+                    drill_end = progress + a.drill_after_copying
+                    batches.set_drill(drill)
+                    log(f"step {step}: loss on the repeats {copied:.2f} < "
                         f"{a.copying_loss}: copying has formed; drills until "
                         f"{drill_end:.0%} of the time")
         step += 1
