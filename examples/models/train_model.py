@@ -188,9 +188,7 @@ def heldout_loss(model, heldout: np.ndarray, seq: int, device, rows: int = 64) -
     return total / max(count, 1)
 
 
-def new_model(preset: str, special: dict, device, seed: int, init: Path | None = None,
-              tie: bool = False):
-    """``tie``: the output head shares the input embedding while training (saved untied)."""
+def new_model(preset: str, special: dict, device, seed: int, init: Path | None = None):
     from transformers import DeepseekV2ForCausalLM
 
     if init is not None:  # a second stage starts from an earlier run's weights
@@ -200,60 +198,13 @@ def new_model(preset: str, special: dict, device, seed: int, init: Path | None =
     torch.manual_seed(seed)
     cfg = preset_config(preset, **special)
     cfg._attn_implementation = "sdpa"
-    cfg.tie_word_embeddings = tie
     return DeepseekV2ForCausalLM(cfg).to(device)
-
-
-@torch.no_grad()
-def previous_token_init(model, head: int = 0, pairs: int = 12, gap: float = 10.0) -> None:
-    """Start one head of the first layer as a previous-token head, the half of the copy
-    (induction) circuit that random weights take longest to find: in every run from a random
-    start the loss on the random-block repeats stayed at ln(vocab) for ~200 M tokens.
-
-    Every embedding gets a shared direction ``u`` (its norm the rows' own), so the first
-    layer's normed input carries a constant; the rope parts of that head's query and of the
-    shared rope key read it, with phases chosen so that q(i) . k(j) peaks at i - j = 1 on the
-    ``pairs`` fastest rope frequencies (the slow ones cannot tell neighbours apart), by about
-    ``gap`` logits over the positions either side. Other heads and layers keep their random
-    start; everything stays trainable."""
-    cfg = model.config
-    emb = model.model.embed_tokens.weight
-    gen = torch.Generator().manual_seed(0)
-    u = torch.randn(emb.shape[1], generator=gen)
-    u /= u.norm()
-    emb += emb.norm(dim=1).mean() * u.to(emb)
-    at_u = float((model.model.layers[0].input_layernorm(emb) @ u.to(emb)).mean())
-    rot = model.model.rotary_emb
-    one = torch.ones(1, 1, device=emb.device)
-    freqs = rot(one, torch.tensor([[1]], device=emb.device))[0, 0].to(torch.complex64)
-    theta, scale = freqs.angle(), freqs.abs()  # angle per position, YaRN's mscale
-    attn = model.model.layers[0].self_attn
-    # score(d) = attn.scaling * sum_c a^2 scale_c^2 cos(theta_c (d - 1)); neighbours lose
-    # sum_c (1 - cos theta_c) of it
-    c = torch.arange(pairs)
-    loss = float(((1 - torch.cos(theta[c])) * scale[c] ** 2).sum())
-    a = math.sqrt(gap / (attn.scaling * loss))
-    k0 = torch.zeros(cfg.qk_rope_head_dim // 2, dtype=torch.complex64)
-    q0 = torch.zeros_like(k0)
-    k0[c] = a
-    q0[c] = a * torch.exp(-1j * theta[c].cpu())
-    k_real = torch.view_as_real(k0).flatten() / at_u
-    q_real = torch.view_as_real(q0).flatten() / at_u
-    rope = cfg.qk_rope_head_dim
-    q_rows = slice(head * cfg.qk_head_dim + cfg.qk_nope_head_dim, (head + 1) * cfg.qk_head_dim)
-    attn.q_proj.weight[q_rows] += torch.outer(q_real, u).to(emb)
-    attn.kv_a_proj_with_mqa.weight[-rope:] += torch.outer(k_real, u).to(emb)
 
 
 def save(model, out: Path, tokenizer_dir: Path | None) -> None:
     from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    if model.config.tie_word_embeddings:
-        # saved as an ordinary untied checkpoint: the same weights twice, loadable by any
-        # DeepSeek-V2 loader (SGLang's has no tied head)
-        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-        model.config.tie_word_embeddings = False
     model = model.to(torch.bfloat16).eval()
     model.config.dtype = "bfloat16"
     model.generation_config = GenerationConfig(
@@ -316,12 +267,6 @@ def main(argv=None) -> int:
                          "repeat rows first falls below --copying-loss (the copy circuit "
                          "has formed: binding a key to its fact needs it)")
     ap.add_argument("--copying-loss", type=float, default=2.0)
-    ap.add_argument("--tie-embeddings", action="store_true",
-                    help="train with the output head tied to the input embedding (saved "
-                         "untied): copying a token is then the identity in one space")
-    ap.add_argument("--previous-token-init", action="store_true",
-                    help="start one first-layer head of each model as a previous-token head "
-                         "(previous_token_init)")
     ap.add_argument("--no-eval", action="store_true",
                     help="stop after training: no evaluation, nothing saved (sweeps that "
                          "read only the log)")
@@ -358,12 +303,8 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     log(f"device {device} ({gpu}), torch {torch.__version__}")
-    model = new_model("irminsul-mla", special, device, a.seed, a.init, a.tie_embeddings)
-    aux = new_model("irminsul-aux", special, device, a.seed + 1, a.init and a.init / "aux",
-                    a.tie_embeddings)
-    if a.previous_token_init and a.init is None:
-        previous_token_init(model)
-        previous_token_init(aux)
+    model = new_model("irminsul-mla", special, device, a.seed, a.init)
+    aux = new_model("irminsul-aux", special, device, a.seed + 1, a.init and a.init / "aux")
     n_params = sum(p.numel() for p in model.parameters())
     n_aux = sum(p.numel() for p in aux.parameters())
     log(f"model {n_params / 1e6:.1f} M params, aux {n_aux / 1e6:.1f} M")
