@@ -188,7 +188,10 @@ def heldout_loss(model, heldout: np.ndarray, seq: int, device, rows: int = 64) -
     return total / max(count, 1)
 
 
-def new_model(preset: str, special: dict, device, seed: int, init: Path | None = None):
+def new_model(preset: str, special: dict, device, seed: int, init: Path | None = None,
+              init_std: float | None = None):
+    """A model of ``preset`` with fresh weights (normal, std ``init_std`` or the preset's
+    initializer_range), or ``init``'s."""
     from transformers import DeepseekV2ForCausalLM
 
     if init is not None:  # a second stage starts from an earlier run's weights
@@ -197,6 +200,8 @@ def new_model(preset: str, special: dict, device, seed: int, init: Path | None =
         return model.to(device).train()
     torch.manual_seed(seed)
     cfg = preset_config(preset, **special)
+    if init_std is not None:
+        cfg.initializer_range = init_std
     cfg._attn_implementation = "sdpa"
     return DeepseekV2ForCausalLM(cfg).to(device)
 
@@ -267,6 +272,9 @@ def main(argv=None) -> int:
                          "repeat rows first falls below --copying-loss (the copy circuit "
                          "has formed: binding a key to its fact needs it)")
     ap.add_argument("--copying-loss", type=float, default=2.0)
+    ap.add_argument("--init-std", type=float, default=None, metavar="S",
+                    help="std of the fresh weights (the preset's initializer_range, 0.02, by "
+                         "default)")
     ap.add_argument("--aux-from", type=float, default=0.0, metavar="F",
                     help="train the aux model only from this share of the time on (its own "
                          "warm-up and decay within it): the main model's steps before it run "
@@ -309,8 +317,9 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     log(f"device {device} ({gpu}), torch {torch.__version__}")
-    model = new_model("irminsul-mla", special, device, a.seed, a.init)
-    aux = new_model("irminsul-aux", special, device, a.seed + 1, a.init and a.init / "aux")
+    model = new_model("irminsul-mla", special, device, a.seed, a.init, a.init_std)
+    aux = new_model("irminsul-aux", special, device, a.seed + 1, a.init and a.init / "aux",
+                    a.init_std)
     n_params = sum(p.numel() for p in model.parameters())
     n_aux = sum(p.numel() for p in aux.parameters())
     log(f"model {n_params / 1e6:.1f} M params, aux {n_aux / 1e6:.1f} M")
