@@ -271,7 +271,9 @@ def main(argv=None) -> int:
                     help="drills for this share of the time, from when the loss on the "
                          "repeat rows first falls below --copying-loss (the copy circuit "
                          "has formed: binding a key to its fact needs it)")
-    ap.add_argument("--copying-loss", type=float, default=2.0)
+    ap.add_argument("--copying-loss", type=float, default=2.0,
+                    help="the repeat rows' loss below which copying counts as formed (logged "
+                         "once, and recorded in training.json as copy_formed)")
     ap.add_argument("--init-std", type=float, default=None, metavar="S",
                     help="std of the fresh weights (the preset's initializer_range, 0.02, by "
                          "default)")
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
     budget = a.minutes * 60
     t_train = time.perf_counter()
     step, tokens, history = 0, 0, []
-    aux_loss = None
+    aux_loss, formed = None, None
     profiling = Profiling(a.profile_steps, 2 if a.smoke else 20, device)
     while True:
         profiling.before(step)
@@ -387,6 +389,12 @@ def main(argv=None) -> int:
             history.append((step, round(progress, 4), ml))
             rate = tokens / (time.perf_counter() - t_train)
             copied = f" repeats {float(main_copy):.3f}" if main_copy is not None else ""
+            if formed is None and main_copy is not None and float(main_copy) < a.copying_loss:
+                # what every run has waited on: recorded so that runs compare by it
+                formed = {"step": step, "progress": round(progress, 4), "tokens": tokens,
+                          "seconds": round(time.perf_counter() - t_train, 1)}
+                log(f"copy circuit formed: loss on the repeats {float(main_copy):.2f} < "
+                    f"{a.copying_loss} at step {step}, {tokens / 1e6:.0f} M tokens")
             aux_text = f"{float(aux_loss.detach()):.3f}" if aux_loss is not None else "-"
             log(f"step {step} seq {seq} loss {ml:.3f}{copied} aux {aux_text} "
                 f"{rate / 1e6:.2f} M tok/s progress {progress:.0%}")
@@ -429,7 +437,7 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"), "steps": step, "tokens": tokens,
         "train_seconds": round(train_s, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
-        "params": n_params, "aux_params": n_aux, "metrics": metrics,
+        "params": n_params, "aux_params": n_aux, "metrics": metrics, "copy_formed": formed,
         "args": {k: str(v) for k, v in vars(a).items()}, "loss_history": history,
     }
     if a.init is not None:
