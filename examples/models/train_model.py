@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     batches = Batches(train, chat, vocab, first_id, bos, device, a.seed,
                       (a.chat_share, a.copy_share))
     drill = train_data.Drill(a.drill_tokens, a.drill_facts, a.drill_questions)
-    drill_end, watch_copying = a.drill_until, a.drill_after_copying > 0
+    drill_end = a.drill_until
     if a.drill_until > 0:
         batches.set_drill(drill)
 
@@ -351,10 +351,11 @@ def main(argv=None) -> int:
             batches.refresh()
         rows = max(1, a.batch_tokens // seq)
         x, y, w = batches(rows, seq)
-        # the repeat rows' own loss, read at each log line too: it falls from ~8 to < 1 when
-        # the copy circuit forms, the event every run so far has waited on
+        # the repeat rows' own loss, read at each log line (and every 10 steps while drills
+        # wait on it): it falls from ~8 to < 1 when the copy circuit forms, the event every
+        # run so far has waited on
         logged = (step + 1) % 50 == 0 or step == 0
-        watch = (watch_copying and step % 10 == 0) or logged
+        watch = logged or (formed is None and a.drill_after_copying > 0 and step % 10 == 0)
         for m, o, peak in ((model, opt, a.lr), (aux, opt_aux, a.aux_lr)):
             at = progress
             if m is aux:  # the aux model trains from --aux-from on, on its own schedule
@@ -374,27 +375,26 @@ def main(argv=None) -> int:
                 aux_loss = loss
             else:
                 main_loss, main_copy = loss, copy_loss
-                if watch_copying and watch and (copied := float(copy_loss)) < a.copying_loss:
-                    watch_copying = False
-                    drill_end = progress + a.drill_after_copying
-                    batches.set_drill(drill)
-                    log(f"step {step}: loss on the repeats {copied:.2f} < "
-                        f"{a.copying_loss}: copying has formed; drills until "
-                        f"{drill_end:.0%} of the time")
+                if (formed is None and copy_loss is not None
+                        and (copied := float(copy_loss)) < a.copying_loss):
+                    # recorded so that runs compare by it
+                    formed = {"step": step + 1, "progress": round(progress, 4),
+                              "tokens": tokens + x.numel(),
+                              "seconds": round(time.perf_counter() - t_train, 1)}
+                    log(f"step {step + 1}: loss on the repeats {copied:.2f} < {a.copying_loss}: "
+                        f"the copy circuit has formed, {formed['tokens'] / 1e6:.0f} M tokens in")
+                    if a.drill_after_copying > 0:
+                        drill_end = progress + a.drill_after_copying
+                        batches.set_drill(drill)
+                        log(f"drills until {drill_end:.0%} of the time")
         step += 1
         tokens += x.numel()
         profiling.after(step)
-        if step % 50 == 0 or step == 1:
+        if logged:
             ml = float(main_loss.detach())
             history.append((step, round(progress, 4), ml))
             rate = tokens / (time.perf_counter() - t_train)
             copied = f" repeats {float(main_copy):.3f}" if main_copy is not None else ""
-            if formed is None and main_copy is not None and float(main_copy) < a.copying_loss:
-                # what every run has waited on: recorded so that runs compare by it
-                formed = {"step": step, "progress": round(progress, 4), "tokens": tokens,
-                          "seconds": round(time.perf_counter() - t_train, 1)}
-                log(f"copy circuit formed: loss on the repeats {float(main_copy):.2f} < "
-                    f"{a.copying_loss} at step {step}, {tokens / 1e6:.0f} M tokens")
             aux_text = f"{float(aux_loss.detach()):.3f}" if aux_loss is not None else "-"
             log(f"step {step} seq {seq} loss {ml:.3f}{copied} aux {aux_text} "
                 f"{rate / 1e6:.2f} M tok/s progress {progress:.0%}")
