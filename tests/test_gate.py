@@ -150,7 +150,7 @@ def test_shipped_gate_file_is_valid_and_strict():
     gate = read_gate_file(SHIPPED)
     assert gate is not None and gate["dtypes"] == ("float32",)
     # far stricter than the built-in limits, which a broken rotation passes
-    assert gate["max_kl"] < BUILTIN["max_kl"] / 10
+    assert gate["max_kl"] < BUILTIN["max_kl"] / 5
     assert gate["min_agreement"] > BUILTIN["min_agreement"]
     doc = json.loads((SHIPPED / GATE_FILE).read_text())
     assert doc["measured"]["commands"]  # how the values were chosen

@@ -32,8 +32,9 @@ def test_checkpoint_shape_and_size():
     assert sum(p.stat().st_size for p in files) <= 40e6
     assert (MODEL / "aux" / "config.json").is_file()  # clip's auxiliary model
     record = json.loads((MODEL / "training.json").read_text())
-    # trained on one GPU in at most 10 minutes, all stages together
-    assert record["train_seconds_all_stages"] <= 600
+    # trained on one GPU in at most 10 minutes, all stages together (a run of several
+    # train_model.py commands records their sum; one command, its own time)
+    assert record.get("train_seconds_all_stages", record["train_seconds"]) <= 600
 
 
 def test_induction(model):
@@ -99,8 +100,9 @@ async def test_doctor_passes_with_a_real_quality_threshold(aiohttp_server):
     server = await aiohttp_server(create_engine_app(engine))
     args = ["--upstream", str(server.make_url("")), "--model-dir", str(MODEL), "--policy", "pic",
             "--tokens", "16", "--min-agreement", "0.9", "--seed", "0"]
-    # One fixed seed keeps the test deterministic; seeds 0-7 all passed (16/16 tokens) when
-    # this was written, while short 400-token contents diverged early on 1 seed in 12.
+    # One fixed seed keeps the test deterministic; seeds 0-7 all pass (16/16 tokens) on the
+    # model retrained 2026-12-06, while short 400-token contents diverge early on 2 seeds in 12
+    # (bench/results/2026-12-06-cpu-doctor-seeds.txt).
     result = await asyncio.to_thread(CliRunner().invoke, doctor_command, args)
     assert result.exit_code == 0, result.output
     assert "PASS  greedy agreement pic vs full" in result.output, result.output

@@ -1,12 +1,13 @@
 """A model's quality gate: the thresholds its content reuse must meet, kept beside the model.
 
 The start-up self-check (guard.py) and the quality audits (audit.py) compare reuse against
-``full`` with thresholds. What KL and agreement are acceptable depends on the model (a trained
-model's reuse stays within a few thousandths of a nat; a random-weight test model's greedy
-tokens differ almost always), so a model directory may carry them in ``irminsul.json``::
+``full`` with thresholds. What KL and agreement are acceptable depends on the model (correct
+reuse moved the shipped model's probe by 0.1 nat, and its predecessor's, which read across
+chunks far less, by a few thousandths; a random-weight test model's greedy tokens differ almost
+always), so a model directory may carry them in ``irminsul.json``::
 
-    {"gate": {"max_kl": 0.007, "min_agreement": 0.5, "tokens": 8,
-              "audit_max_kl": 0.003, "audit_min_agreement": 0.8, "dtypes": ["float32"]},
+    {"gate": {"max_kl": 0.15, "min_agreement": 0.25, "tokens": 8,
+              "audit_max_kl": 0.01, "audit_min_agreement": 0.75, "dtypes": ["float32"]},
      "measured": {... how the values were chosen: command, figures, margins ...}}
 
 Every key of ``gate`` is optional. ``max_kl`` / ``min_agreement`` / ``tokens`` are the

@@ -245,8 +245,9 @@ def main() -> None:
     p.add_argument("--tokenizer", type=Path, default=HERE / "tiny-mla")
     p.add_argument("--out", type=Path, default=DEFAULT_CORPUS)
     h = sub.add_parser("halve", help="every other 64K-token block of a prepared corpus (what "
-                                     "the shipped model's stage 2 read: it had to fit the GPU "
-                                     "machine's transfer limit beside the stage-1 weights)")
+                                     "the second command of the model shipped until 2026-12-06 "
+                                     "read: it had to fit the GPU machine's transfer limit "
+                                     "beside the first command's weights)")
     h.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     h.add_argument("--out", type=Path, default=DEFAULT_CORPUS.with_name("corpus-half"))
     a = ap.parse_args()

@@ -10,7 +10,10 @@ The model is transformers' own DeepseekV2ForCausalLM with the ``irminsul-mla`` p
 (presets.py), so the checkpoint loads wherever DeepSeek-V2 does; the aux model is the
 ``irminsul-aux`` preset, trained on the same batches. The run is time-boxed: the learning-rate
 schedule follows elapsed time, not a step count, so the same command fits its budget on any
-GPU; the last ``--long-frac`` of the time trains on longer rows. At the end it prints and
+GPU; the last ``--long-frac`` of the time trains on longer rows. ``--then`` adds a second
+stage to the same run, from when the copy circuit forms: the shipped model's command (README)
+uses it to turn to retrieval prompts once copying, which binding a key to its value needs, is
+there. At the end it prints and
 writes (training.json) the held-out loss, induction accuracy and retrieval accuracy at 2K and
 4K tokens, measured on transformers' own forward (engine_adapter/embedded/skill_eval.py).
 """
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -75,6 +79,15 @@ class Batches:
         the pool's next jobs on; the chat rows gathered so far are dropped, their mix changed,
         and text rows stand in for them until new ones arrive."""
         self.pool.drill = drill
+        self.chat.clear()
+
+    def set_mix(self, chat_share: float, copy_share: float, retrieval_share: float,
+                facts: int, questions: int) -> None:
+        """A new stage's mix, from the next batch (chat rows: from the pool's next jobs on;
+        those gathered so far are dropped, as in set_drill)."""
+        self.chat_share, self.copy_share = chat_share, copy_share
+        pool = self.pool
+        pool.share, pool.facts, pool.questions = retrieval_share, facts, questions
         self.chat.clear()
 
     def _randint(self, low, high, n):
@@ -222,6 +235,37 @@ def save(model, out: Path, tokenizer_dir: Path | None) -> None:
             (out / "generation_config.json").write_bytes(gen_bytes)
 
 
+STAGE_OPTIONS = ("--lr", "--warmup", "--chat-share", "--copy-share", "--retrieval-share",
+                 "--retrieval-facts", "--retrieval-questions", "--long-frac")
+
+
+def add_stage_options(ap: argparse.ArgumentParser) -> None:
+    """The options a stage sets (STAGE_OPTIONS): the main model's rate and its batches' mix.
+    Both the run and its --then stage take them."""
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=float, default=0.04, help="share of time warming up")
+    ap.add_argument("--chat-share", type=float, default=0.45)
+    ap.add_argument("--copy-share", type=float, default=0.15)
+    ap.add_argument("--retrieval-share", type=float, default=0.6,
+                    help="share of chat samples that are retrieval prompts")
+    ap.add_argument("--retrieval-facts", type=int, default=4,
+                    help="facts per retrieval prompt, at most (the evaluation's: 4)")
+    ap.add_argument("--retrieval-questions", type=int, default=1,
+                    help="questions per retrieval prompt, at most (each answered in turn)")
+    ap.add_argument("--long-frac", type=float, default=0.25,
+                    help="the last share of the stage's time trains on --long-seq rows")
+
+
+def then_stage(a: argparse.Namespace) -> argparse.Namespace:
+    """The run's options with --then's applied: the second stage's. Only STAGE_OPTIONS may be
+    given; anything else stops the run with a message naming it."""
+    ap = argparse.ArgumentParser(prog="train_model.py --then", add_help=False)
+    add_stage_options(ap)
+    ap.set_defaults(**{o[2:].replace("-", "_"): getattr(a, o[2:].replace("-", "_"))
+                       for o in STAGE_OPTIONS})
+    return argparse.Namespace(**{**vars(a), **vars(ap.parse_args(shlex.split(a.then)))})
+
+
 def lr_at(progress: float, peak: float, warmup: float) -> float:
     if progress < warmup:
         return peak * progress / warmup
@@ -237,22 +281,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", type=Path, default=HERE / "tiny-mla")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--long-seq", type=int, default=4096)
-    ap.add_argument("--long-frac", type=float, default=0.25)
     ap.add_argument("--batch-tokens", type=int, default=131072)
-    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--aux-lr", type=float, default=3e-3)
-    ap.add_argument("--chat-share", type=float, default=0.45)
-    ap.add_argument("--copy-share", type=float, default=0.15)
-    ap.add_argument("--retrieval-share", type=float, default=0.6,
-                    help="share of chat samples that are retrieval prompts")
-    ap.add_argument("--retrieval-facts", type=int, default=4,
-                    help="facts per retrieval prompt, at most (the evaluation's: 4)")
-    ap.add_argument("--retrieval-questions", type=int, default=1,
-                    help="questions per retrieval prompt, at most (each answered in turn)")
+    add_stage_options(ap)
     ap.add_argument("--init", type=Path, default=None,
                     help="start from this checkpoint (OUT/irminsul-mla of an earlier run) "
                          "and its aux/; the record adds up both stages' training time")
-    ap.add_argument("--warmup", type=float, default=0.04, help="share of time warming up")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile-steps", type=int, default=0, metavar="N",
@@ -261,9 +295,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole script")
     ap.add_argument("--compile", action="store_true",
                     help="train through torch.compile (its compile time counts in --minutes): "
-                         "1.31x the tokens a second on an H100 after ~32 s of compiling; a "
-                         "4096-token phase recompiles "
-                         "(bench/results/2026-12-06-h100-train-compile.txt)")
+                         "1.31x the tokens a second on an H100 after ~32 s of compiling "
+                         "(bench/results/2026-12-06-h100-train-compile.txt); --long-seq rows "
+                         "run eagerly rather than compile a second graph")
     ap.add_argument("--drill-until", type=float, default=0.0, metavar="F",
                     help="until this share of the time, retrieval samples are drills (short "
                          "prompts, many facts and questions: train_data.Drill)")
@@ -281,6 +315,14 @@ def main(argv=None) -> int:
                     help="train the aux model only from this share of the time on (its own "
                          "warm-up and decay within it): the main model's steps before it run "
                          "alone, faster, so its copy circuit forms sooner")
+    ap.add_argument("--then", metavar="OPTIONS",
+                    help="a second stage in the same run, from when the copy circuit forms "
+                         "(see --copying-loss; at --then-by at the latest): these options "
+                         f"({' '.join(STAGE_OPTIONS)}) replace the first stage's, over the time "
+                         "left, with their own warm-up and decay of the main model's rate. "
+                         "Example: --then '--lr 1e-3 --chat-share 0.7 --retrieval-share 0.8'")
+    ap.add_argument("--then-by", type=float, default=0.6, metavar="F",
+                    help="the latest share of the time at which --then's stage starts")
     ap.add_argument("--no-eval", action="store_true",
                     help="stop after training: no evaluation, nothing saved (sweeps that "
                          "read only the log)")
@@ -290,6 +332,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not 0 <= a.aux_from < 1:
         ap.error(f"--aux-from must be in [0, 1), got {a.aux_from}")
+    if not 0 < a.then_by < 1:
+        ap.error(f"--then-by must be in (0, 1), got {a.then_by}")
+    then = then_stage(a) if a.then is not None else None
     if a.smoke:
         a.minutes, a.seq, a.long_seq, a.batch_tokens, a.workers = 0.4, 256, 512, 2048, 1
     t_start = time.perf_counter()
@@ -336,14 +381,23 @@ def main(argv=None) -> int:
     budget = a.minutes * 60
     t_train = time.perf_counter()
     step, tokens, history = 0, 0, []
-    aux_loss, formed = None, None
+    aux_loss, formed, then_at = None, None, None
+    stage, stage_from = a, 0.0  # the options in force, and the progress at which they began
     profiling = Profiling(a.profile_steps, 2 if a.smoke else 20, device)
     while True:
         profiling.before(step)
         progress = (time.perf_counter() - t_train) / budget
         if progress >= 1:
             break
-        seq = a.long_seq if progress >= 1 - a.long_frac else a.seq
+        if then is not None and stage is a and (formed is not None or progress >= a.then_by):
+            stage, stage_from = then, progress
+            batches.set_mix(then.chat_share, then.copy_share, then.retrieval_share,
+                            then.retrieval_facts, then.retrieval_questions)
+            then_at = {"step": step, "progress": round(progress, 4), "tokens": tokens,
+                       "why": "copying formed" if formed is not None else "--then-by"}
+            log(f"step {step}: the --then stage starts ({then_at['why']}): {a.then}")
+        in_stage = (progress - stage_from) / (1 - stage_from)
+        seq = a.long_seq if in_stage >= 1 - stage.long_frac else a.seq
         if chat.drill is not None and progress >= drill_end:
             batches.set_drill(None)
             log(f"step {step}: drills end, retrieval prompts as evaluated from here")
@@ -355,18 +409,22 @@ def main(argv=None) -> int:
         # wait on it): it falls from ~8 to < 1 when the copy circuit forms, the event every
         # run so far has waited on
         logged = (step + 1) % 50 == 0 or step == 0
-        watch = logged or (formed is None and a.drill_after_copying > 0 and step % 10 == 0)
-        for m, o, peak in ((model, opt, a.lr), (aux, opt_aux, a.aux_lr)):
-            at = progress
-            if m is aux:  # the aux model trains from --aux-from on, on its own schedule
+        waits = a.drill_after_copying > 0 or (then is not None and stage is a)
+        watch = logged or (formed is None and waits and step % 10 == 0)
+        for m, o in ((model, opt), (aux, opt_aux)):
+            if m is model:
+                lr = lr_at(in_stage, stage.lr, stage.warmup)
+            else:  # the aux model trains from --aux-from on, on its own schedule
                 if progress < a.aux_from:
                     continue
-                at = (progress - a.aux_from) / (1 - a.aux_from)
+                lr = lr_at((progress - a.aux_from) / (1 - a.aux_from), a.aux_lr, a.warmup)
             for g in o.param_groups:
-                g["lr"] = lr_at(at, peak, a.warmup)
+                g["lr"] = lr
+            # compiled for --seq rows only: --long-seq rows would compile a second graph
+            forward = steps_of[id(m)] if seq == a.seq else m
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fused):
                 copy_rows = batches.copy_rows(rows) if watch and m is model else 0
-                loss, copy_loss = weighted_loss(steps_of[id(m)], x, y, w, copy_rows)
+                loss, copy_loss = weighted_loss(forward, x, y, w, copy_rows)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
             o.step()
@@ -431,13 +489,15 @@ def main(argv=None) -> int:
     save(model, out, a.tokenizer)
     save(aux, out / "aux", None)
     record = {
-        "command": " ".join(["python", "examples/models/train_model.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "examples/models/train_model.py",
+                               *(argv or sys.argv[1:])]),
         "device": gpu, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "date": time.strftime("%Y-%m-%d"), "steps": step, "tokens": tokens,
         "train_seconds": round(train_s, 1),
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "params": n_params, "aux_params": n_aux, "metrics": metrics, "copy_formed": formed,
+        "then_started": then_at,
         "args": {k: str(v) for k, v in vars(a).items()}, "loss_history": history,
     }
     if a.init is not None:
