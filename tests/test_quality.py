@@ -14,8 +14,10 @@ from support.models import aux_model, yarn_model  # noqa: F401  (fixtures)
 
 from irminsul.engine_adapter.embedded.config import EngineConfig
 from irminsul.engine_adapter.embedded.engine import Engine
+from irminsul.engine_adapter.embedded.probe import Prober, first_difference
 from irminsul.engine_adapter.embedded.quality import (
     DEFAULT_POLICIES,
+    NEAR_TIE,
     eval_command,
     evaluate,
     parse_policies,
@@ -26,6 +28,7 @@ from irminsul.engine_adapter.embedded.quality_workloads import (
     WorkloadConfig,
     build_cases,
 )
+from irminsul.engine_adapter.embedded.store import ChunkStore
 
 EXACT = ("full", "pic:k=100000", "blend:r=1.0", "prefix")
 POLICIES = (*EXACT, "pic:k=0", "blend:r=10%")
@@ -90,6 +93,42 @@ def test_needle_retrieval_is_relative_to_full(report):
     for c in report.cells:
         assert c.full_hits == full.full_hits
         assert c.retrieval == (c.answer_hits / c.full_hits if c.full_hits else None)
+
+
+def test_differing_cases_carry_fulls_margin_there(report):
+    """A case whose greedy tokens differ from full's records full's top-two gap at the first
+    difference; the cells count those cases and the near ties among them. Random weights: the
+    moved chunks of pic k=0 do change tokens, so the count is exercised."""
+    for r in report.results:
+        assert (r.full_margin is None) == (r.agreement == 1.0)
+        assert r.full_margin is None or r.full_margin >= 0
+    for c in report.cells:
+        rows = [r for r in report.results if r.policy == c.policy and r.workload == c.workload]
+        margins = [r.full_margin for r in rows if r.full_margin is not None]
+        assert c.diverged == len(margins)
+        assert c.near_ties == sum(m < NEAR_TIE for m in margins)
+    assert cell(report, "full").diverged == 0
+    assert cell(report, "pic:k=0").diverged > 0
+
+
+def test_margins_are_the_greedy_tokens_lead(engine):
+    """A run's margin at the first generated position is the top-two gap of the first-token
+    distribution it also returns (computed here from those logits, independently)."""
+    import torch
+
+    ids = engine.tokenizer.encode("def add(a, b):\n    return a + b\n" * 8)
+    run = Prober.of(engine).run(ChunkStore(0), ids, (), "full", engine.defaults, 4)
+    assert len(run.margins) == 4 and all(m >= 0 for m in run.margins)
+    lp = torch.log_softmax(run.logits.double(), -1)
+    top = torch.topk(lp, 2).values
+    assert run.margins[0] == pytest.approx(float(top[0] - top[1]), abs=1e-5)
+
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([4], [5]) == 0
+    assert first_difference([1, 2], [1]) is None  # no difference within the shorter
 
 
 def test_parse_policies_skips_unknown_and_rejects_malformed():

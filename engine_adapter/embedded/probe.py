@@ -30,6 +30,10 @@ class PolicyRun(NamedTuple):
     tokens: tuple[int, ...]  # greedy tokens (first one is argmax of ``logits``)
     counts: ReuseCounts
     prefill_seconds: float  # chunking + planning + prefill, as Engine._prefill times it
+    # at each generated position, how far the greedy token's log-probability lies above the
+    # runner-up's (nats): where a reference run's margin is small, another run choosing
+    # differently is a near tie flipped, not the content lost
+    margins: tuple[float, ...] = ()
 
 
 class Prober:
@@ -86,17 +90,19 @@ class Prober:
             torch.cuda.synchronize(runner.device)
         seconds = time.perf_counter() - t0
         first = outcome.logits.float().cpu()
-        logits, kv, tokens = outcome.logits, outcome.kv, []
+        logits, kv, tokens, margins = outcome.logits, outcome.kv, [], []
         for i in range(new_tokens):
             tok = int(torch.argmax(logits))
             tokens.append(tok)
+            top2 = torch.topk(torch.log_softmax(logits.float(), -1), 2).values
+            margins.append(float(top2[0] - top2[1]))
             if i + 1 == new_tokens:
                 break
             pos = torch.tensor([n + i])
             h = runner.run_layers(kv, runner.embed(torch.tensor([tok])), pos, 0,
                                   runner.num_layers)
             logits = runner.logits(h)[0]
-        return PolicyRun(first, tuple(tokens), plan.counts, seconds)
+        return PolicyRun(first, tuple(tokens), plan.counts, seconds, tuple(margins))
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -106,14 +112,18 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return max(0.0, float((lp.exp() * (lp - lq)).sum()))
 
 
+def first_difference(reference: Sequence[int], tokens: Sequence[int]) -> int | None:
+    """The first position where two greedy sequences differ (None: they agree throughout)."""
+    for i, (a, b) in enumerate(zip(reference, tokens)):
+        if a != b:
+            return i
+    return None
+
+
 def agreement(reference: Sequence[int], tokens: Sequence[int]) -> float:
     """Fraction of positions where two greedy sequences agree, counted up to the first
     difference (after it the contexts differ, so later matches mean little)."""
     if not reference:
         return 1.0
-    same = 0
-    for a, b in zip(reference, tokens):
-        if a != b:
-            break
-        same += 1
-    return same / len(reference)
+    at = first_difference(reference, tokens)
+    return (min(len(reference), len(tokens)) if at is None else at) / len(reference)

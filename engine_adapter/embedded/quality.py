@@ -8,7 +8,9 @@ decodes greedily. ``full`` on the same prompt is the reference. Per policy and w
 * recompute ratio: recomputed / (reused + recomputed), the policy's carve-out of the tokens it
   could reuse (None when nothing was reusable), and compute ratio: (recomputed + new) / prompt;
 * agreement: the fraction of the first N greedy tokens equal to full's, up to the first
-  difference (probe.agreement);
+  difference (probe.agreement); and of the cases that differ, how many differ where full's own
+  choice was a near tie (its greedy token less than NEAR_TIE nats of log-probability above
+  the runner-up): a flip that any small perturbation makes, not content lost;
 * KL(full || policy) of the next-token distributions at the first generated position;
 * retrieval (needle): how often the answer contains the value, relative to full's count;
 * prefill time saved: 1 - policy prefill seconds / full prefill seconds, summed over cases.
@@ -28,9 +30,13 @@ import click
 
 from ... import SHIPPED_MODEL_DIR
 from .config import POLICIES
-from .probe import PolicyRun, Prober, agreement, kl_divergence
+from .probe import PolicyRun, Prober, agreement, first_difference, kl_divergence
 from .quality_workloads import WORKLOADS, Case
 from .store import ChunkStore
+
+# full's top-two log-probability gap (nats) under which a differing greedy token counts as a
+# near tie: at 0.1 full's choice is at most ~10% likelier than the runner-up
+NEAR_TIE = 0.1
 
 DEFAULT_POLICIES = ("full", "prefix", "pic:k=0", "pic:k=4", "pic:k=16", "pic:k=32",
                     "blend:r=0.05", "blend:r=0.1", "blend:r=0.2",
@@ -92,6 +98,8 @@ class CaseResult(NamedTuple):
     full_hit: bool | None
     prefill_seconds: float
     full_seconds: float
+    # full's top-two gap (nats) where the policy's greedy token first differs; None: no difference
+    full_margin: float | None = None
 
 
 class Cell(NamedTuple):
@@ -111,6 +119,8 @@ class Cell(NamedTuple):
     prefill_seconds: float
     full_seconds: float
     time_saved: float  # 1 - prefill_seconds / full_seconds
+    diverged: int = 0  # cases whose greedy tokens differ from full's within the window
+    near_ties: int = 0  # of those, the ones where full's margin there was < NEAR_TIE
 
 
 class QualityReport(NamedTuple):
@@ -183,10 +193,12 @@ def _case_result(case: Case, label: str, ref: PolicyRun, got: PolicyRun, decode)
     if case.answer is not None:
         hit = case.answer in decode(got.tokens)
         full_hit = case.answer in decode(ref.tokens)
+    at = first_difference(ref.tokens, got.tokens)
+    margin = ref.margins[at] if at is not None and at < len(ref.margins) else None
     return CaseResult(case.name, case.workload, label, c.prompt_tokens, c.reused_tokens,
                       c.recomputed_tokens, c.new_tokens, c.exact_prefix_tokens,
                       kl_divergence(ref.logits, got.logits), agreement(ref.tokens, got.tokens),
-                      hit, full_hit, got.prefill_seconds, ref.prefill_seconds)
+                      hit, full_hit, got.prefill_seconds, ref.prefill_seconds, margin)
 
 
 def _cell(label: str, workload: str, rows: list[CaseResult]) -> Cell:
@@ -197,6 +209,7 @@ def _cell(label: str, workload: str, rows: list[CaseResult]) -> Cell:
     answer_hits = sum(hits) if hits else None
     n_full = sum(full_hits) if full_hits else None
     seconds, full = sum(r.prefill_seconds for r in rows), sum(r.full_seconds for r in rows)
+    margins = [r.full_margin for r in rows if r.full_margin is not None]
     return Cell(
         label, workload, len(rows),
         sum(r.recomputed for r in rows) / reusable if reusable else None,
@@ -206,6 +219,7 @@ def _cell(label: str, workload: str, rows: list[CaseResult]) -> Cell:
         max((r.kl for r in rows), default=math.nan),
         answer_hits, n_full, answer_hits / n_full if n_full else None,
         seconds, full, 1 - seconds / full if full > 0 else math.nan,
+        len(margins), sum(m < NEAR_TIE for m in margins),
     )
 
 

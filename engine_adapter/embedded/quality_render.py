@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from .quality import NEAR_TIE
+
 
 def _num(v, fmt: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -14,7 +16,8 @@ def _num(v, fmt: str) -> str:
 def render_table(report) -> str:
     """Rows per workload, then policy: the cell figures in fixed-width columns."""
     head = (f"{'workload':<8} {'policy':<13} {'cases':>5} {'recomp':>7} {'computed':>8} "
-            f"{'agree':>6} {'KL mean':>9} {'KL max':>9} {'retrieval':>11} {'saved':>7}")
+            f"{'agree':>6} {'differ':>9} {'KL mean':>9} {'KL max':>9} {'retrieval':>11} "
+            f"{'saved':>7}")
     lines = [(f"model {report.model} on {report.device} ({report.dtype}); agreement over the "
              f"first {report.new_tokens} greedy tokens; KL(full || policy) in nats at the first "
              "generated position"), head, "-" * len(head)]
@@ -30,10 +33,12 @@ def render_table(report) -> str:
             lines.append(
                 f"{w:<8} {c.policy:<13} {c.cases:>5} {_num(c.recompute_ratio, '7.1%')} "
                 f"{_num(c.compute_ratio, '8.1%')} {_num(c.agreement, '6.3f')} "
-                f"{_num(c.kl_mean, '9.4f')} {_num(c.kl_max, '9.4f')} {retrieval:>11} "
+                f"{f'{c.diverged} ({c.near_ties})':>9} {_num(c.kl_mean, '9.4f')} {_num(c.kl_max, '9.4f')} {retrieval:>11} "
                 f"{_num(c.time_saved, '7.1%')}")
     lines += ["", ("recomp: recomputed / (reused + recomputed) tokens ('-': nothing reusable); "
-              "computed: (recomputed + new) / prompt; retrieval: needle answers containing the "
+              "computed: (recomputed + new) / prompt; differ: cases whose greedy tokens differ from "
+              f"full's (in brackets: at a near tie, full's top two < {NEAR_TIE:g} nats apart); "
+              "retrieval: needle answers containing the "
               "value, relative to full's (n/a when full found none); saved: 1 - prefill "
               "seconds / full's.")]
     for case in report.cases:
