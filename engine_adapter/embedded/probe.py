@@ -33,7 +33,7 @@ class PolicyRun(NamedTuple):
     # at each generated position, how far the greedy token's log-probability lies above the
     # runner-up's (nats): where a reference run's margin is small, another run choosing
     # differently is a near tie flipped, not the content lost
-    margins: tuple[float, ...] = ()
+    margins: tuple[float, ...]
 
 
 class Prober:
@@ -94,7 +94,8 @@ class Prober:
         for i in range(new_tokens):
             tok = int(torch.argmax(logits))
             tokens.append(tok)
-            top2 = torch.topk(torch.log_softmax(logits.float(), -1), 2).values
+            # a logit gap is the log-probability gap: softmax's normaliser cancels
+            top2 = torch.topk(logits.float(), 2).values
             margins.append(float(top2[0] - top2[1]))
             if i + 1 == new_tokens:
                 break

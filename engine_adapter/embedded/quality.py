@@ -194,7 +194,7 @@ def _case_result(case: Case, label: str, ref: PolicyRun, got: PolicyRun, decode)
         hit = case.answer in decode(got.tokens)
         full_hit = case.answer in decode(ref.tokens)
     at = first_difference(ref.tokens, got.tokens)
-    margin = ref.margins[at] if at is not None and at < len(ref.margins) else None
+    margin = ref.margins[at] if at is not None else None
     return CaseResult(case.name, case.workload, label, c.prompt_tokens, c.reused_tokens,
                       c.recomputed_tokens, c.new_tokens, c.exact_prefix_tokens,
                       kl_divergence(ref.logits, got.logits), agreement(ref.tokens, got.tokens),

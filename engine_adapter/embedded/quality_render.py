@@ -33,14 +33,13 @@ def render_table(report) -> str:
             lines.append(
                 f"{w:<8} {c.policy:<13} {c.cases:>5} {_num(c.recompute_ratio, '7.1%')} "
                 f"{_num(c.compute_ratio, '8.1%')} {_num(c.agreement, '6.3f')} "
-                f"{f'{c.diverged} ({c.near_ties})':>9} {_num(c.kl_mean, '9.4f')} {_num(c.kl_max, '9.4f')} {retrieval:>11} "
-                f"{_num(c.time_saved, '7.1%')}")
+                f"{f'{c.diverged} ({c.near_ties})':>9} {_num(c.kl_mean, '9.4f')} "
+                f"{_num(c.kl_max, '9.4f')} {retrieval:>11} {_num(c.time_saved, '7.1%')}")
     lines += ["", ("recomp: recomputed / (reused + recomputed) tokens ('-': nothing reusable); "
-              "computed: (recomputed + new) / prompt; differ: cases whose greedy tokens differ from "
-              f"full's (in brackets: at a near tie, full's top two < {NEAR_TIE:g} nats apart); "
-              "retrieval: needle answers containing the "
-              "value, relative to full's (n/a when full found none); saved: 1 - prefill "
-              "seconds / full's.")]
+              "computed: (recomputed + new) / prompt; differ: cases whose greedy tokens differ "
+              f"from full's (in brackets: at a near tie, full's top two < {NEAR_TIE:g} nats "
+              "apart); retrieval: needle answers containing the value, relative to full's (n/a "
+              "when full found none); saved: 1 - prefill seconds / full's.")]
     for case in report.cases:
         lines.append(f"case {case['name']}: warm {case['warm_tokens']} tokens, prompt "
                      f"{case['prompt_tokens']} tokens")
